@@ -1,0 +1,215 @@
+"""Typed, validated configuration tree for revq-ray.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown or misspelled key is an error that
+names the key, never silently ignored. Presets are YAML files (``configs/*.yaml``, ``tuning/*.yaml``)
+loaded with :func:`load_config`; ``--set a.b=c`` overrides use dotted keys (:func:`apply_overrides`).
+
+This module imports only pydantic and PyYAML so that every layer (core included) can use it.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the dotted field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- core
+class ResetConfig(_Section):
+    """Non-activation reset of dead codes (ReVQ)."""
+
+    enabled: bool = True
+    dead_threshold: int = Field(1, ge=1, description="a code with fewer hits than this since the last reset is dead")
+    ratio: float = Field(0.2, gt=0.0, le=1.0, description="at most this fraction of a group's codes reset at once")
+    noise: float = Field(0.1, ge=0.0, description="std of the Gaussian noise added to copied codes (standardized units)")
+    interval: int = Field(1, ge=1, description="reset every `interval` units")
+    unit: Literal["epochs", "steps"] = "epochs"
+
+
+class QuantizerConfig(_Section):
+    """Which quantizer, and its knobs. ``tokens`` groups of ``codebook_size`` codes of dim latent_size/tokens."""
+
+    type: Literal["revq", "vq", "simvq", "gq"] = "revq"
+    tokens: int = Field(512, ge=1, description="T = number of tokens (= groups) per latent")
+    codebook_size: int = Field(16384, ge=2, description="K = codes per group")
+    loss: Literal["decoupled", "joint"] = Field(
+        "decoupled", description="revq/vq: the reference's decoupled losses, or one straight-through objective"
+    )
+    beta: float = Field(0.25, ge=0.0, description="commitment weight (simvq, joint revq/vq)")
+    init: Literal["sample", "kmeans++", "random"] = "sample"
+    kmeans_iters: int = Field(0, ge=0, description="Lloyd iterations after k-means++ seeding (init=kmeans++)")
+    search_budget_mb: float = Field(
+        256.0, gt=0.0, description="peak extra memory of the nearest-code search, however large K is"
+    )
+    reset: ResetConfig = Field(default_factory=ResetConfig)
+    simvq_shared: bool = Field(False, description="simvq: one linear map shared by all groups")
+    gq_beta: float = Field(1.0, ge=0.0, description="gq: prior weight in the log-ratio score")
+    gq_seed: int = Field(0, ge=0, description="gq: seed of the scrambled Sobol prior samples")
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> QuantizerConfig:
+        if self.type == "vq":
+            # Plain VQ is the ablation: no reset. Users ask for it by name, so force it off.
+            object.__setattr__(self.reset, "enabled", False)
+        return self
+
+    @property
+    def bits_per_sample(self) -> float:
+        return self.tokens * math.log2(self.codebook_size)
+
+
+class RectifierConfig(_Section):
+    type: Literal["vit", "cnn", "mlp", "identity"] = "vit"
+    width: int = Field(512, ge=1)
+    depth: int = Field(3, ge=0)
+    head_dim: int = Field(32, ge=1, description="vit: attention head dimension")
+    expand_ratio: float = Field(4.0, gt=0.0, description="vit/cnn/mlp: hidden expansion of the feed-forward")
+
+    @model_validator(mode="after")
+    def _vit_heads(self) -> RectifierConfig:
+        if self.type == "vit" and self.width % self.head_dim:
+            raise ValueError(
+                f"rectifier.width={self.width} must be a multiple of rectifier.head_dim={self.head_dim} for vit"
+            )
+        return self
+
+
+class ModelConfig(_Section):
+    quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
+    rectifier: RectifierConfig = Field(default_factory=RectifierConfig)
+
+
+# --------------------------------------------------------------------------------------------- data
+class DataConfig(_Section):
+    """Where the latent shards live (written by ``python -m revq_ray.encode``)."""
+
+    shards: str = Field("", description="directory or URI holding manifest.json and *.tar latent shards")
+    val_shards: str = Field("", description="separate validation shards; empty: hold out `val_items` from train")
+    val_items: int = Field(512, ge=0, description="latents held out for validation when val_shards is empty")
+    shuffle_buffer: int = Field(2048, ge=0, description="local shuffle buffer (items) per worker; 0 = off")
+    init_samples: int = Field(
+        0, ge=0, description="latents drawn for codebook init; 0 = enough for codebook_size unique tokens"
+    )
+    prefetch_batches: int = Field(2, ge=0)
+
+
+# --------------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="fractional CPUs leave room for Ray Data")
+    torch_threads: int = Field(1, ge=1, description="torch.set_num_threads per worker")
+    zero_stage: int = Field(0, ge=0, le=3)
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    batch_size: int = Field(256, ge=1, description="global batch size (split across workers)")
+    epochs: int = Field(100, ge=1)
+    max_steps: int = Field(0, ge=0, description="stop after this many optimizer steps; 0 = epochs decide")
+    steps_per_epoch: int = Field(0, ge=0, description="0 = derived from the manifest's count")
+    lr: float = Field(1e-3, gt=0.0, description="codebook learning rate")
+    rectifier_lr_scale: float = Field(0.05, gt=0.0, description="rectifier lr = lr * this")
+    rectifier_weight_decay: float = Field(1e-4, ge=0.0)
+    final_lr_fraction: float = Field(0.05, gt=0.0, le=1.0, description="exponential decay to lr * this")
+    grad_clip: float = Field(1.0, ge=0.0, description="per-module gradient-norm clip (0 = off)")
+    log_every: int = Field(50, ge=1, description="steps between metric reports")
+    val_every: int = Field(0, ge=0, description="steps between validation passes; 0 = once per epoch")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per epoch")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    fail_at_step: int = Field(-1, description="test hook: rank 0 exits at this step, once (-1 = never)")
+
+
+# --------------------------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    """The root of a training preset (``configs/*.yaml``)."""
+
+    name: str = Field("run", min_length=1, description="run name; re-running the same name resumes")
+    output_dir: str = Field("runs", description="local path or URI (s3://...) for checkpoints and logs")
+    seed: int = Field(0, ge=0)
+    vae: str = Field("", description="VAE spec for decoded metrics: diffusers:<id|dir>, taesd:<dir>, builtin:<dir>")
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str) -> str:
+        if "/" in v or v in {".", ".."}:
+            raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
+        return v
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _format_error(err: ValidationError, root: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or root
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{loc}: unknown key (check its spelling; see revq_ray/config.py for valid keys)")
+        else:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: dict[str, Any], cls: type[BaseModel] = RunConfig) -> Any:
+    """Validate a plain dict into ``cls``; raise :class:`ConfigError` naming every bad field."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, cls.__name__)) from None
+
+
+def _coerce_scalar(text: str) -> Any:
+    # YAML gives the same typing rules as the preset files: 1 -> int, 1e-3 -> float, true -> bool.
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of ``data`` with ``key.sub=value`` overrides applied (values parsed as YAML)."""
+    out = copy.deepcopy(data)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.epochs=2")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[parts[-1]] = _coerce_scalar(value)
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[BaseModel] = RunConfig) -> Any:
+    """Load a YAML preset, apply ``--set`` overrides, and validate it."""
+    try:
+        return parse_config(apply_overrides(load_yaml(path), overrides), cls)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """YAML text of a config, loadable again by :func:`load_config`."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
