@@ -55,6 +55,7 @@ class QuantizerConfig(_Section):
     )
     reset: ResetConfig = Field(default_factory=ResetConfig)
     simvq_shared: bool = Field(False, description="simvq: one linear map shared by all groups")
+    simvq_seed: int = Field(0, ge=0, description="simvq: seed of the frozen random codebook and the map's init")
     gq_beta: float = Field(1.0, ge=0.0, description="gq: prior weight in the log-ratio score")
     gq_seed: int = Field(0, ge=0, description="gq: seed of the scrambled Sobol prior samples")
 
@@ -75,7 +76,7 @@ class RectifierConfig(_Section):
     width: int = Field(512, ge=1)
     depth: int = Field(3, ge=0)
     head_dim: int = Field(32, ge=1, description="vit: attention head dimension")
-    expand_ratio: float = Field(4.0, gt=0.0, description="vit/cnn/mlp: hidden expansion of the feed-forward")
+    expand_ratio: float = Field(4.0, gt=0.0, description="vit/mlp: hidden expansion of the feed-forward")
 
     @model_validator(mode="after")
     def _vit_heads(self) -> RectifierConfig:
@@ -128,6 +129,18 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     fail_at_step: int = Field(-1, description="test hook: rank 0 exits at this step, once (-1 = never)")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per worker (e.g. a custom node label resource)"
+    )
+    export_all_ranks: bool = Field(
+        False, description="test hook: every rank writes its final state to <run_dir>/ranks/rank<r>.safetensors"
+    )
+    synthetic_items: int = Field(
+        0, ge=0, description="if data.shards has no manifest, first write this many synthetic latents there (0 = error)"
+    )
+    synthetic_latent_shape: list[int] = Field(
+        default_factory=lambda: [16, 8, 8], description="latent shape of those synthetic latents"
+    )
 
 
 # --------------------------------------------------------------------------------------------- run

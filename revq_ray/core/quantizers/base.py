@@ -76,3 +76,63 @@ class Quantizer(nn.Module):
     def usage_stats(self) -> dict[str, torch.Tensor]:
         """Per-group usage fraction, perplexity and dead-code count from the hit counts since last reset."""
         return {}
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+@torch.no_grad()
+def accumulate_counts(counts_gk: torch.Tensor, ids_bt: torch.Tensor) -> torch.Tensor:
+    """Add one hit per token to ``counts_gk[t, ids_bt[b, t]]`` in place (ids are per group, in [0, K)).
+
+    ``index_add_`` on the flat view: a ``bincount`` would allocate a fresh (G*K,) tensor every step, which is
+    512 MB at G=256, K=262,144.
+    """
+    G, K = counts_gk.shape
+    if ids_bt.dim() != 2 or ids_bt.shape[1] != G:
+        raise ValueError(f"ids shape {tuple(ids_bt.shape)} != (B, {G})")
+    offsets = torch.arange(G, device=ids_bt.device, dtype=torch.long) * K
+    flat = (ids_bt.long() + offsets).reshape(-1)
+    ones = torch.ones(1, dtype=counts_gk.dtype, device=counts_gk.device).expand(flat.numel())
+    counts_gk.view(-1).index_add_(0, flat, ones)
+    return counts_gk
+
+
+@torch.no_grad()
+def usage_from_counts(counts_gk: torch.Tensor, dead_threshold: int = 1) -> dict[str, torch.Tensor]:
+    """Per-group code-usage statistics from hit counts (G, K); every value has shape (G,).
+
+    ``usage``: fraction of codes with at least one hit; ``perplexity``: exp of the entropy of the hit
+    distribution (K when every code is hit equally, 1 when one code takes everything, 0 for no hits);
+    ``dead``: number of codes with fewer than ``dead_threshold`` hits; ``hits``: total hits.
+    """
+    c = counts_gk.detach().to(torch.float64)
+    total = c.sum(-1)
+    p = c / total.clamp_min(1)[:, None]
+    entropy = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
+    perplexity = torch.where(total > 0, entropy.exp(), torch.zeros_like(entropy))
+    return {
+        "usage": (c >= 1).to(torch.float64).mean(-1),
+        "perplexity": perplexity,
+        "dead": (c < dead_threshold).sum(-1),
+        "hits": total,
+    }
+
+
+class _StraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return q.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Value of ``q`` exactly, gradient passed to ``z`` unchanged.
+
+    Same gradient as the usual ``z + (q - z).detach()``, but that expression can differ from ``q`` in the last
+    bit; here the forward value is ``q`` itself, so ``codes(ids)`` reproduces it exactly.
+    """
+    if not z.requires_grad:
+        return q.detach()
+    return _StraightThrough.apply(z, q)

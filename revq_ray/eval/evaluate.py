@@ -1,0 +1,424 @@
+"""Evaluate a trained tokenizer: latent, decoded (image / audio) and codebook metrics, plus a report.
+
+    python -m revq_ray.eval --model runs/quickstart/train --input runs/quickstart/photos/val --output runs/quickstart/eval
+
+``--model`` is an export (``save_pretrained`` dir), a training run directory (``export/best`` is used) or a
+Tokenizer bundle. ``--input`` is latent shards (a directory with ``manifest.json``) or raw media: an image
+folder/file, an IDX file (``*-idx3-ubyte[.gz]``) or an audio folder/file. The VAE comes from ``--vae``, else
+from the bundle, else from the run's saved config, else from the shards' manifest. With latent shards alone the
+originals are unknown, so decoded metrics compare the tokenized decode with the VAE-only decode.
+
+Writes ``metrics.json``, ``report.md`` and figures (``grid.png``, ``usage.png``, ``curves.png`` when the run has
+a metrics CSV, and for audio ``mel.png`` plus original / VAE-only / tokenized ``.wav`` files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revq_ray.core import metrics as M
+from revq_ray.eval import report as R
+from revq_ray.eval.inputs import EvalInput, detect_kind, read_audio, read_images, read_latents
+
+LPIPS_FID_NOTE = (
+    "LPIPS and FID were not computed: they need pretrained network weights (VGG/AlexNet for LPIPS, "
+    "Inception for FID) that are not available locally, and revq-ray never downloads weights at run time. "
+    "PSNR and SSIM are reported instead; compare rFID numbers from the papers only with a proper FID run."
+)
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _batches(n: int, batch_size: int):
+    for i in range(0, n, batch_size):
+        yield slice(i, min(n, i + batch_size))
+
+
+def _resolve_vae_spec(
+    vae: str | None, model_path: Path, model_dir: Path, data: EvalInput | None
+) -> tuple[str | None, str]:
+    """(spec, where it came from)."""
+    import json
+
+    from revq_ray.tokenizer import CONFIG_NAME, Tokenizer, vae_spec_from_run
+
+    if vae:
+        return vae, "--vae"
+    bundle_cfg = model_path / CONFIG_NAME
+    if bundle_cfg.is_file():
+        return Tokenizer._absolute_spec(json.loads(bundle_cfg.read_text())["vae"], model_path), "tokenizer bundle"
+    spec = vae_spec_from_run(model_dir)
+    if spec:
+        return spec, "run config"
+    if data is not None and data.vae_spec and data.vae_spec != "synthetic":
+        return data.vae_spec, "shard manifest"
+    return None, ""
+
+
+def evaluate(
+    model: str | Path,
+    input: str | Path,
+    output: str | Path,
+    vae: str | None = None,
+    limit: int | None = 512,
+    batch_size: int = 64,
+    device: str = "cpu",
+    grid_items: int = 8,
+    audio_items: int = 3,
+    run_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``input``; write metrics.json, report.md and figures to ``output``.
+
+    Returns the metrics dict (also written to ``<output>/metrics.json``). ``limit`` caps the items read
+    (None = all); ``run_dir`` overrides where training curves are read from.
+    """
+    from revq_ray.core.model import ReVQModel
+    from revq_ray.tokenizer import Tokenizer, load_vae_for, resolve_model_dir, run_dir_of
+
+    t0 = time.perf_counter()
+    dev = _pick_device(device)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = Path(model).expanduser()
+    model_dir = resolve_model_dir(model_path)
+    net = ReVQModel.from_pretrained(str(model_dir)).to(dev).eval()
+    if run_dir is None:
+        run_dir = model_path if (model_path / "export").is_dir() else run_dir_of(model_dir)
+    log(f"[eval] model {model_dir} ({net.cfg.quantizer.type}, T={net.tokens}, K={net.codebook_size})")
+
+    kind = detect_kind(input)
+    notes: list[str] = []
+    data: EvalInput | None = read_latents(input, limit) if kind == "latents" else None
+    spec, spec_from = _resolve_vae_spec(vae, model_path, model_dir, data)
+    tok: Tokenizer | None = None
+    if spec:
+        try:
+            tok = Tokenizer(load_vae_for(spec, net.latent_shape, dev), net, spec)
+            log(f"[eval] VAE {spec} (from {spec_from})")
+        except Exception as err:
+            if kind != "latents":
+                raise
+            notes.append(f"VAE {spec!r} could not be loaded ({type(err).__name__}: {err}); latent metrics only.")
+    if tok is None and kind != "latents":
+        raise ValueError(
+            f"--input {input} is raw media, which needs a VAE: pass --vae SPEC (e.g. builtin:<dir>, taesd:<dir>), "
+            "or evaluate a Tokenizer bundle / a run whose config names its VAE"
+        )
+    if tok is None:
+        notes.append("No VAE available (pass --vae SPEC): decoded-image/audio metrics skipped, latent metrics only.")
+    if kind == "idx" or kind == "images":
+        data = read_images(input, limit)
+    elif kind == "audio":
+        if tok.modality != "audio":
+            raise ValueError(f"--input {input} is audio but the VAE {spec!r} is an {tok.modality} VAE")
+        data = read_audio(input, tok.sample_rate, limit)
+    assert data is not None
+    n = len(data)
+    log(f"[eval] {n} items from {data.source} ({kind}); {len(data.skipped)} skipped")
+    if data.skipped:
+        notes.append(f"{len(data.skipped)} unreadable input entries were skipped (e.g. {data.skipped[0]}).")
+
+    # ---------------------------------------------------------------- media -> VAE inputs and latents
+    x_in = None  # VAE inputs (images / mels) of the originals
+    waves_in = None  # original waveform clips (audio)
+    if kind != "latents":
+        if tok.modality == "audio":
+            sr = tok.sample_rate
+            from revq_ray.vae.audio import crop_or_pad
+
+            waves_in = torch.stack([crop_or_pad(w, tok.clip_samples, offset=0)[0] for w in data.waves])
+            x_in = tok.preprocess(waves_in, sample_rate=sr)
+        else:
+            x_in = tok.preprocess(data.images)
+        use_post = net.cfg.quantizer.type == "gq" and getattr(tok.vae, "is_gaussian", False)
+        zs, lvs = [], []
+        for sl in _batches(n, batch_size):
+            xb = x_in[sl].to(dev)
+            if use_post:
+                post = tok.vae.posterior(xb)
+                zs.append(post.mean.cpu())
+                lvs.append(post.logvar.cpu())
+            else:
+                zs.append(tok.vae.encode(xb).cpu())
+        data.latents = torch.cat(zs)
+        data.logvars = torch.cat(lvs) if lvs else None
+        log(f"[eval] encoded {n} items with the VAE ({time.perf_counter() - t0:.1f}s)")
+    z_all = data.latents
+    if net.cfg.quantizer.type == "gq" and data.logvars is None:
+        notes.append("GQ without log-variances (deterministic VAE or shards without logvar): posterior-free scoring.")
+
+    # ---------------------------------------------------------------- quantize + rectify
+    ids, rec, q_std, r_std, z_std = [], [], [], [], []
+    with torch.no_grad():
+        for sl in _batches(n, batch_size):
+            lv = data.logvars[sl].to(dev) if data.logvars is not None else None
+            out = net(z_all[sl].to(dev), lv)
+            ids.append(out.ids_bt.cpu())
+            rec.append(out.latents_rec.cpu())
+            q_std.append(out.quantized.cpu())
+            r_std.append(out.rectified_std.cpu())
+            z_std.append(out.latents_std.cpu())
+    ids_nt, rec_all = torch.cat(ids), torch.cat(rec)
+    q_std_all, r_std_all, z_std_all = torch.cat(q_std), torch.cat(r_std), torch.cat(z_std)
+    q_raw_all = net.standardizer.inverse(q_std_all.to(dev)).cpu()
+    latent = {
+        "mse_std_without_rectifier": M.mse(q_std_all, z_std_all).item(),
+        "mse_std_with_rectifier": M.mse(r_std_all, z_std_all).item(),
+        "mse_raw_without_rectifier": M.mse(q_raw_all, z_all).item(),
+        "mse_raw_with_rectifier": M.mse(rec_all, z_all).item(),
+        "note": "std = per-element standardized units (the paper's latent MSE); raw = the VAE's own units",
+    }
+    usage = M.usage_stats(ids_nt, net.codebook_size)
+    counts = M.code_counts(ids_nt, net.codebook_size)
+    bits = net.bits_per_sample
+    info: dict[str, Any] = {
+        "model": str(model_dir),
+        "vae": spec or "",
+        "input": str(input),
+        "input_kind": kind,
+        "items": n,
+        "modality": tok.modality if tok else "latent",
+        "quantizer": net.cfg.quantizer.type,
+        "rectifier": net.cfg.rectifier.type,
+        "tokens": net.tokens,
+        "codebook_size": net.codebook_size,
+        "latent_shape": list(net.latent_shape),
+        "bits_per_sample": bits,
+    }
+    result: dict[str, Any] = {"info": info, "latent": latent}
+    result["usage"] = {
+        "mean_usage": usage["mean_usage"],
+        "mean_perplexity": usage["mean_perplexity"],
+        "perplexity_over_K": usage["mean_perplexity"] / net.codebook_size,
+        "mean_entropy_nats": usage["mean_entropy"],
+        "entropy_bits": usage["entropy_bits"],
+        "max_entropy_bits": math.log2(net.codebook_size),
+        "dead_codes_total": int(usage["dead"].sum()),
+        "per_group": {
+            "usage": usage["usage"].tolist(),
+            "perplexity": usage["perplexity"].tolist(),
+            "entropy_nats": usage["entropy"].tolist(),
+            "dead": usage["dead"].tolist(),
+        },
+        "note": f"over the {n} evaluation items only: with few items many codes are unused by construction",
+    }
+    train_usage = {}
+    try:
+        train_usage = {k: v.tolist() if torch.is_tensor(v) else v for k, v in net.quantizer.usage_stats().items()}
+    except Exception as err:  # pragma: no cover - informative only
+        notes.append(f"quantizer.usage_stats() failed: {err}")
+    if train_usage:
+        result["usage"]["training_counters"] = train_usage
+    figures: dict[str, str] = {}
+    summary: dict[str, Any] = {
+        "items": n,
+        "bits_per_sample": bits,
+        "latent_mse_std_without_rectifier": latent["mse_std_without_rectifier"],
+        "latent_mse_std_with_rectifier": latent["mse_std_with_rectifier"],
+    }
+
+    # ---------------------------------------------------------------- decode
+    if tok is not None:
+        dec_vae, dec_tok, dec_q = [], [], []
+        with torch.no_grad():
+            for sl in _batches(n, batch_size):
+                dec_vae.append(tok.vae.decode(z_all[sl].to(dev)).cpu())
+                dec_tok.append(tok.vae.decode(rec_all[sl].to(dev)).cpu())
+                dec_q.append(tok.vae.decode(q_raw_all[sl].to(dev)).cpu())
+        x_vae, x_tok, x_q = torch.cat(dec_vae), torch.cat(dec_tok), torch.cat(dec_q)
+        log(f"[eval] decoded VAE-only and tokenized reconstructions ({time.perf_counter() - t0:.1f}s)")
+        if tok.modality == "image":
+            _image_metrics(result, summary, figures, notes, out_dir, x_in, x_vae, x_tok, x_q, grid_items)
+            h, w = x_vae.shape[-2:]
+            info["bits_per_pixel"] = bits / (h * w)
+            summary["bits_per_pixel"] = info["bits_per_pixel"]
+        else:
+            _audio_metrics(result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log)
+            info["bits_per_second"] = bits / (tok.clip_samples / tok.sample_rate)
+            summary["bits_per_second"] = info["bits_per_second"]
+    summary["usage_mean"] = result["usage"]["mean_usage"]
+    summary["perplexity_over_K"] = result["usage"]["perplexity_over_K"]
+    summary["entropy_bits_per_token"] = result["usage"]["entropy_bits"]
+
+    # ---------------------------------------------------------------- figures + report
+    figures["usage"] = R.save_usage(counts, out_dir / "usage.png", title=f"{info['quantizer']} T={net.tokens} K={net.codebook_size}").name
+    csv_path = R.find_metrics_csv(run_dir)
+    if csv_path is not None:
+        p = R.save_curves(csv_path, out_dir / "curves.png")
+        if p is not None:
+            figures["curves"] = p.name
+            result["training_csv"] = str(csv_path)
+    else:
+        notes.append("No training-metrics CSV found next to the model: curves.png not written.")
+    notes.append(LPIPS_FID_NOTE)
+    result["summary"] = summary
+    result["figures"] = figures
+    result["notes"] = notes
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    R.write_json(out_dir / "metrics.json", result)
+    R.write_report(out_dir, result, figures, notes)
+    log(f"[eval] wrote {out_dir / 'metrics.json'} and {out_dir / 'report.md'} ({result['seconds']}s)")
+    return result
+
+
+def _image_metrics(result, summary, figures, notes, out_dir, x_in, x_vae, x_tok, x_q, grid_items) -> None:
+    img: dict[str, Any] = {}
+    if x_in is not None:
+        img["reference"] = "original images"
+        for name, x in (("vae_only", x_vae), ("tokenized", x_tok), ("tokenized_without_rectifier", x_q)):
+            img[name] = {"psnr": M.psnr(x, x_in).item(), "ssim": _ssim(x, x_in)}
+        img["tokenized_vs_vae_only"] = {"psnr": M.psnr(x_tok, x_vae).item(), "ssim": _ssim(x_tok, x_vae)}
+        summary["psnr_vae_only"] = img["vae_only"]["psnr"]
+        summary["ssim_vae_only"] = img["vae_only"]["ssim"]
+    else:
+        img["reference"] = "VAE-only reconstructions (latent-shard input: originals unknown)"
+        notes.append(
+            "Input was latent shards, so the originals are unknown: image PSNR/SSIM compare the tokenized "
+            "decode with the VAE-only decode (an upper bound on agreement, not a distance to real images)."
+        )
+        for name, x in (("tokenized", x_tok), ("tokenized_without_rectifier", x_q)):
+            img[name] = {"psnr": M.psnr(x, x_vae).item(), "ssim": _ssim(x, x_vae)}
+    summary["psnr_tokenized"] = img["tokenized"]["psnr"]
+    summary["ssim_tokenized"] = img["tokenized"]["ssim"]
+    summary["psnr_tokenized_without_rectifier"] = img["tokenized_without_rectifier"]["psnr"]
+    result["image"] = img
+    rows = []
+    if x_in is not None:
+        rows.append(("original", x_in))
+    rows += [("VAE only", x_vae), ("tokenized", x_tok)]
+    figures["grid"] = R.save_grid(rows, out_dir / "grid.png", max_cols=grid_items).name
+
+
+def _ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    win = 11 if min(x.shape[-2:]) >= 11 else (min(x.shape[-2:]) // 2) * 2 - 1
+    return M.ssim(x.clamp(0, 1), y.clamp(0, 1), window_size=max(win, 1)).item()
+
+
+def _audio_metrics(result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log) -> None:
+    from revq_ray.vae.audio import save_wav
+
+    aud: dict[str, Any] = {}
+    if x_in is not None:
+        f = min(x_in.shape[-1], x_vae.shape[-1], x_tok.shape[-1])
+        mel_in, mel_vae, mel_tok = x_in[..., :f], x_vae[..., :f], x_tok[..., :f]
+        aud["reference"] = "original audio (first clip of each file)"
+        aud["mel_vae_only"] = {"mse": M.mse(mel_vae, mel_in).item(), "l1": M.mae(mel_vae, mel_in).item()}
+        aud["mel_tokenized"] = {"mse": M.mse(mel_tok, mel_in).item(), "l1": M.mae(mel_tok, mel_in).item()}
+    else:
+        mel_in = None
+        f = min(x_vae.shape[-1], x_tok.shape[-1])
+        mel_vae, mel_tok = x_vae[..., :f], x_tok[..., :f]
+        aud["reference"] = "VAE-only reconstructions (latent-shard input)"
+        aud["mel_tokenized"] = {"mse": M.mse(mel_tok, mel_vae).item(), "l1": M.mae(mel_tok, mel_vae).item()}
+    summary["mel_mse_tokenized"] = aud["mel_tokenized"]["mse"]
+    if "mel_vae_only" in aud:
+        summary["mel_mse_vae_only"] = aud["mel_vae_only"]["mse"]
+    sr = tok.sample_rate
+    if tok.input_kind == "mel":
+        log("[eval] Griffin-Lim vocoding (original mel, VAE-only, tokenized) ...")
+        w_vae = tok.postprocess(mel_vae)
+        w_tok = tok.postprocess(mel_tok)
+        w_gl = tok.postprocess(mel_in) if mel_in is not None else None
+        notes.append(
+            "Waveforms are vocoded from mels with Griffin-Lim (phase is re-estimated), so time-domain SNR is low "
+            "even for a perfect mel; 'vocoder_only' (Griffin-Lim of the original mel) is the ceiling to compare with."
+        )
+    else:
+        w_vae, w_tok, w_gl = tok.postprocess(x_vae), tok.postprocess(x_tok), None
+    if waves_in is not None:
+        L = min(waves_in.shape[-1], w_vae.shape[-1], w_tok.shape[-1])
+        ref = waves_in[:, :L]
+        for name, w in (("vocoder_only", w_gl), ("vae_only", w_vae), ("tokenized", w_tok)):
+            if w is None:
+                continue
+            aud[f"wave_{name}"] = {"snr_db": M.snr(ref, w[:, :L]).item(), "stoi": _stoi(ref, w[:, :L], sr)}
+        summary["stoi_tokenized"] = aud["wave_tokenized"]["stoi"]
+        summary["stoi_vae_only"] = aud["wave_vae_only"]["stoi"]
+        if "wave_vocoder_only" in aud:
+            summary["stoi_vocoder_only"] = aud["wave_vocoder_only"]["stoi"]
+        summary["snr_db_tokenized"] = aud["wave_tokenized"]["snr_db"]
+    result["audio"] = aud
+    for i in range(min(audio_items, w_tok.shape[0])):
+        if waves_in is not None:
+            figures[f"original_{i}"] = save_wav(out_dir / f"original_{i}.wav", waves_in[i], sr).name
+        figures[f"vae_only_{i}"] = save_wav(out_dir / f"vae_only_{i}.wav", w_vae[i], sr).name
+        figures[f"tokenized_{i}"] = save_wav(out_dir / f"tokenized_{i}.wav", w_tok[i], sr).name
+    if tok.input_kind == "mel":
+        rows = [("original", mel_in[0] if mel_in is not None else None), ("VAE only", mel_vae[0]), ("tokenized", mel_tok[0])]
+        figures["mel"] = R.save_mels(rows, out_dir / "mel.png").name
+
+
+def _stoi(ref_bl: torch.Tensor, est_bl: torch.Tensor, sr: int) -> float:
+    """Mean STOI over clips (pystoi); NaN when pystoi is missing or a clip is too short for it."""
+    try:
+        from pystoi import stoi
+    except ImportError:  # pragma: no cover - pystoi is a dependency
+        return math.nan
+    import warnings
+
+    vals = []
+    for r, e in zip(ref_bl, est_bl):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                vals.append(float(stoi(r.double().numpy(), e.double().numpy(), sr, extended=False)))
+            except Exception:
+                continue
+    vals = [v for v in vals if v > 1e-4]  # pystoi returns 1e-5 for clips too short to score
+    return float(sum(vals) / len(vals)) if vals else math.nan
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="revq-ray eval",
+        description="Evaluate a trained tokenizer: latent/decoded/codebook metrics, metrics.json and a report.",
+    )
+    p.add_argument("--model", required=True, help="export dir (save_pretrained), run dir (uses export/best) or Tokenizer bundle")
+    p.add_argument("--input", required=True, help="latent shards (dir with manifest.json), image folder/file, IDX file or audio folder/file")
+    p.add_argument("--output", required=True, help="directory for metrics.json, report.md and figures")
+    p.add_argument("--vae", default=None, help="VAE spec (diffusers:<dir|id>, taesd:<dir>, builtin:<dir>); default: from the bundle/run/manifest")
+    p.add_argument("--limit", type=int, default=512, help="evaluate at most N items (0 = all; default 512)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--grid", type=int, default=8, help="columns of grid.png")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        res = evaluate(
+            args.model,
+            args.input,
+            args.output,
+            vae=args.vae,
+            limit=args.limit or None,
+            batch_size=args.batch_size,
+            device=args.device,
+            grid_items=args.grid,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        print(f"revq-ray eval: error: {err}", file=sys.stderr)
+        return 2
+    print(format_summary(res["summary"]))
+    print(f"report: {Path(args.output) / 'report.md'}")
+    return 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    width = max(len(k) for k in summary)
+    return "\n".join(f"  {k:<{width}}  {R._fmt(v)}" for k, v in summary.items())

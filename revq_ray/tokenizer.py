@@ -1,0 +1,421 @@
+"""``Tokenizer``: media -> token ids -> media, one object bundling a frozen VAE and a trained ReVQModel.
+
+    from revq_ray import Tokenizer
+
+    tok = Tokenizer.build("builtin:runs/quickstart/vae", "runs/quickstart/train/export/best")
+    ids = tok.encode(images)            # (B, T) int64, images: uint8/float tensors, numpy arrays or PIL
+    images_rec = tok.decode(ids)        # (B, 3, H, W) float in [0, 1]
+    tok.save_pretrained("my_tokenizer") # self-contained bundle
+    tok = Tokenizer.from_pretrained("my_tokenizer")
+
+Audio tokenizers take waveforms and their sample rate (``tok.encode(wave, sample_rate=16000)``); they go
+through the VAE's mel front end (resampled, cut or zero-padded to the clip length the VAE was trained on)
+and ``decode`` returns waveforms at ``tok.sample_rate`` (Griffin-Lim from the decoded mel).
+
+Bundle layout written by :meth:`Tokenizer.save_pretrained`::
+
+    tokenizer.json   {"format": "revq-ray-tokenizer", "version": 1, "vae": "<spec>", ...}
+    model/           ReVQModel.save_pretrained (config.json + model.safetensors)
+    vae/             a copy of the VAE for built-in and TAESD VAEs (specs inside the bundle are relative)
+
+Diffusers VAEs are referenced by their spec (a hub id or a directory) rather than copied, because they are
+large; pass ``copy_vae=True`` to copy a local diffusers directory too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "revq-ray-tokenizer"
+VERSION = 1
+CONFIG_NAME = "tokenizer.json"
+MODEL_SUBDIR = "model"
+VAE_SUBDIR = "vae"
+_BUNDLE_PREFIX = "bundle://"  # marks a VAE spec whose path is relative to the bundle directory
+
+
+# --------------------------------------------------------------------------------------------- locating
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """A directory holding a ``save_pretrained`` ReVQModel, from a tokenizer bundle, an export or a run dir.
+
+    Accepted: a Tokenizer bundle (``<dir>/model``), an export (``config.json`` + ``model.safetensors``),
+    or a training run directory (``export/best``, else ``export/latest``).
+    """
+    p = Path(path).expanduser()
+    candidates = [p, p / MODEL_SUBDIR, p / "export" / "best", p / "export" / "latest"]
+    for c in candidates:
+        if (c / "config.json").is_file() and (c / "model.safetensors").is_file():
+            return c
+    raise FileNotFoundError(
+        f"{str(p)!r} holds no trained model: expected a Tokenizer bundle, an export directory "
+        "(config.json + model.safetensors, from save_pretrained) or a run directory with export/best; "
+        "train one with 'revq-ray train' or run 'revq-ray quickstart'"
+    )
+
+
+def run_dir_of(model_dir: Path) -> Path | None:
+    """The training run directory an ``export/<name>`` model dir belongs to (None otherwise)."""
+    model_dir = Path(model_dir).resolve()
+    if model_dir.parent.name == "export":
+        return model_dir.parent.parent
+    return None
+
+
+def vae_spec_from_run(model_dir: str | os.PathLike) -> str | None:
+    """The ``vae`` spec recorded by training next to an export (the run's saved config), or None."""
+    run_dir = run_dir_of(Path(model_dir))
+    if run_dir is None:
+        return None
+    import yaml
+
+    for name in ("config.yaml", "run_config.yaml", "config.json"):
+        f = run_dir / name
+        if f.is_file():
+            try:
+                data = yaml.safe_load(f.read_text()) or {}
+            except Exception:
+                continue
+            spec = data.get("vae") if isinstance(data, dict) else None
+            if spec:
+                return str(spec)
+    return None
+
+
+def _spec_kind_and_path(spec: str) -> tuple[str, str]:
+    if ":" not in spec:
+        raise ValueError(f"VAE spec {spec!r}: expected '<kind>:<path or id>' (diffusers:, taesd:, builtin:)")
+    kind, rest = spec.split(":", 1)
+    return kind, rest
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def _as_image_list(inputs: Any) -> list[Any]:
+    """Split ``inputs`` into single images (each HxW, HxWxC array/tensor or PIL image)."""
+    if hasattr(inputs, "convert") and hasattr(inputs, "size"):  # one PIL image
+        return [inputs]
+    if isinstance(inputs, torch.Tensor | np.ndarray):
+        arr = inputs
+        if arr.ndim == 4:
+            # (B, C, H, W) when the second dim looks like channels, else (B, H, W, C)
+            if arr.shape[1] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+                arr = arr.permute(0, 2, 3, 1) if isinstance(arr, torch.Tensor) else arr.transpose(0, 2, 3, 1)
+            return list(arr)
+        if arr.ndim == 3:
+            if arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):  # one CHW image
+                return [arr.permute(1, 2, 0) if isinstance(arr, torch.Tensor) else arr.transpose(1, 2, 0)]
+            return [arr]
+        if arr.ndim == 2:
+            return [arr]
+        raise ValueError(f"images: expected (B, C, H, W), (B, H, W, C), (H, W, C) or (H, W); got {tuple(arr.shape)}")
+    if isinstance(inputs, list | tuple):
+        out = []
+        for item in inputs:
+            out.extend(_as_image_list(item))
+        return out
+    raise TypeError(f"images: unsupported input type {type(inputs).__name__} (tensor, numpy array, PIL image or list)")
+
+
+def _as_wave_list(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, np.ndarray):
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+    if isinstance(inputs, torch.Tensor):
+        if inputs.ndim == 1:
+            return [inputs.float()]
+        if inputs.ndim == 2:
+            return [w.float() for w in inputs]
+        raise ValueError(f"waveforms: expected (L,) or (B, L); got {tuple(inputs.shape)}")
+    if isinstance(inputs, list | tuple):
+        out = []
+        for item in inputs:
+            out.extend(_as_wave_list(item))
+        return out
+    raise TypeError(f"waveforms: unsupported input type {type(inputs).__name__}")
+
+
+# --------------------------------------------------------------------------------------------- Tokenizer
+class Tokenizer:
+    """A frozen VAE plus a trained :class:`~revq_ray.core.model.ReVQModel`: media <-> token ids.
+
+    Args:
+        vae: a loaded frozen VAE (:func:`revq_ray.vae.load_vae`).
+        model: the trained ReVQModel (standardizer, quantizer, rectifier), e.g. ``ReVQModel.from_pretrained``.
+        vae_spec: the spec string the VAE was loaded from (defaults to ``vae.spec``); stored in the bundle.
+    """
+
+    def __init__(self, vae: Any, model: Any, vae_spec: str | None = None):
+        self.vae = vae
+        self.model = model.eval()
+        self.vae_spec = vae_spec or getattr(vae, "spec", "")
+        if tuple(vae.latent_shape) != tuple(model.latent_shape):
+            raise ValueError(
+                f"VAE {self.vae_spec!r} makes latents of shape {tuple(vae.latent_shape)} but the model was trained "
+                f"on {tuple(model.latent_shape)}: use the VAE (and image size / clip length) the latents came from"
+            )
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def build(
+        cls,
+        vae_spec: str,
+        model_dir: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        image_size: int | None = None,
+    ) -> Tokenizer:
+        """Combine a VAE spec and a trained model (export dir, run dir or bundle) into a Tokenizer."""
+        from revq_ray.core.model import ReVQModel
+
+        model = ReVQModel.from_pretrained(str(resolve_model_dir(model_dir))).to(device)
+        return cls(load_vae_for(vae_spec, model.latent_shape, device, image_size), model, vae_spec)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", vae: str | None = None
+    ) -> Tokenizer:
+        """Load a bundle written by :meth:`save_pretrained`.
+
+        Also accepts an export or run directory plus ``vae=<spec>`` (or a run whose config names its VAE).
+        """
+        path = Path(path).expanduser()
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.is_file():
+            spec = vae or vae_spec_from_run(resolve_model_dir(path))
+            if not spec:
+                raise FileNotFoundError(
+                    f"{str(path)!r} is not a Tokenizer bundle (no {CONFIG_NAME}); for a bare model export pass "
+                    "vae='<spec>' (e.g. builtin:<dir>) or use Tokenizer.build(vae_spec, model_dir)"
+                )
+            return cls.build(spec, path, device=device)
+        cfg = json.loads(cfg_file.read_text())
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{cfg_file}: not a revq-ray tokenizer (format={cfg.get('format')!r})")
+        if int(cfg.get("version", 0)) > VERSION:
+            raise ValueError(f"{cfg_file}: version {cfg['version']} is newer than this revq-ray ({VERSION}); upgrade")
+        spec = vae or cls._absolute_spec(cfg["vae"], path)
+        from revq_ray.core.model import ReVQModel
+
+        model = ReVQModel.from_pretrained(str(path / MODEL_SUBDIR)).to(device)
+        vae_obj = load_vae_for(spec, model.latent_shape, device, cfg.get("image_size"))
+        tok = cls(vae_obj, model, spec)
+        tok.vae_spec = cfg["vae"] if vae is None else vae
+        tok._bundle_dir = path
+        return tok
+
+    @staticmethod
+    def _absolute_spec(spec: str, bundle_dir: Path) -> str:
+        kind, rest = _spec_kind_and_path(spec)
+        if rest.startswith(_BUNDLE_PREFIX):
+            return f"{kind}:{(bundle_dir / rest[len(_BUNDLE_PREFIX) :]).resolve()}"
+        return spec
+
+    def save_pretrained(self, path: str | os.PathLike, copy_vae: bool | None = None) -> Path:
+        """Write a bundle: ``tokenizer.json``, ``model/`` and (built-in / TAESD VAEs) a copy of the VAE in ``vae/``.
+
+        ``copy_vae``: None copies built-in and TAESD VAE directories (small) and references diffusers VAEs by
+        spec; True copies any local VAE directory; False never copies (the bundle then needs the VAE path).
+        """
+        path = Path(path).expanduser()
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(path / MODEL_SUBDIR))
+        spec = self.vae_spec
+        bundle_dir = getattr(self, "_bundle_dir", None)
+        kind, rest = _spec_kind_and_path(spec)
+        if rest.startswith(_BUNDLE_PREFIX):  # re-saving a loaded bundle: the VAE lives in the old bundle
+            rest = str(Path(bundle_dir or ".") / rest[len(_BUNDLE_PREFIX) :])
+            spec = f"{kind}:{rest}"
+            if copy_vae is None:
+                copy_vae = True
+        src = Path(rest).expanduser()
+        do_copy = copy_vae if copy_vae is not None else kind in ("builtin", "taesd")
+        if do_copy and src.is_dir():
+            dst = path / VAE_SUBDIR
+            if src.resolve() != dst.resolve():
+                if dst.exists():
+                    shutil.rmtree(dst)
+                shutil.copytree(src, dst)
+            spec = f"{kind}:{_BUNDLE_PREFIX}{VAE_SUBDIR}"
+        elif src.exists():
+            spec = f"{kind}:{src.resolve()}"  # a local reference must survive a change of working directory
+        cfg = {
+            "format": FORMAT,
+            "version": VERSION,
+            "vae": spec,
+            "modality": self.modality,
+            "input_kind": self.input_kind,
+            "input_shape": list(self.vae.input_shape),
+            "latent_shape": list(self.model.latent_shape),
+            "image_size": int(self.vae.input_shape[-1]) if self.modality == "image" else None,
+            "sample_rate": self.sample_rate,
+            "tokens": self.tokens,
+            "codebook_size": self.codebook_size,
+            "bits_per_sample": self.bits_per_sample,
+            "quantizer": self.model.cfg.quantizer.type,
+            "rectifier": self.model.cfg.rectifier.type,
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        return path
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.standardizer.mean.device
+
+    @property
+    def modality(self) -> str:
+        return str(getattr(self.vae, "modality", "image"))
+
+    @property
+    def input_kind(self) -> str:
+        return str(getattr(self.vae, "input_kind", "image" if self.modality == "image" else "mel"))
+
+    @property
+    def sample_rate(self) -> int | None:
+        fe = getattr(self.vae, "front_end", None)
+        if fe is not None:
+            return int(fe.sample_rate)
+        sr = getattr(self.vae, "sample_rate", None)
+        return int(sr) if sr else None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.model.tokens)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.codebook_size)
+
+    @property
+    def bits_per_sample(self) -> float:
+        return float(self.model.bits_per_sample)
+
+    @property
+    def clip_samples(self) -> int | None:
+        """Audio: the waveform length (samples) of one tokenized clip."""
+        if self.modality != "audio":
+            return None
+        if self.input_kind == "mel":
+            return (int(self.vae.input_shape[-1]) - 1) * int(self.vae.front_end.hop)
+        return int(self.vae.input_shape[-1])
+
+    def to(self, device: str | torch.device) -> Tokenizer:
+        self.model.to(device)
+        self.vae.to(device)
+        return self
+
+    # ----------------------------------------------------------------------------------------- media <-> VAE input
+    def preprocess(self, inputs: Any, sample_rate: int | None = None) -> torch.Tensor:
+        """Media -> a VAE input batch: images (B, 3, S, S) in [0, 1]; audio: normalized mel or waveform clips."""
+        if self.modality == "image":
+            from revq_ray.vae.images import to_vae_input
+
+            size = int(self.vae.input_shape[-1])
+            return torch.stack([to_vae_input(img, size) for img in _as_image_list(inputs)])
+        return self._preprocess_audio(inputs, sample_rate)
+
+    def _preprocess_audio(self, inputs: Any, sample_rate: int | None) -> torch.Tensor:
+        import torchaudio
+
+        from revq_ray.vae.audio import crop_or_pad
+
+        if sample_rate is None:
+            raise ValueError("audio tokenizer: pass sample_rate= with the waveforms (their sampling rate in Hz)")
+        waves = []
+        for w in _as_wave_list(inputs):
+            if int(sample_rate) != self.sample_rate:
+                w = torchaudio.functional.resample(w, int(sample_rate), int(self.sample_rate))
+            waves.append(crop_or_pad(w, self.clip_samples, offset=0)[0])
+        wave_bl = torch.stack(waves)
+        if self.input_kind == "mel":
+            fe = self.vae.front_end
+            mel = fe(wave_bl)[..., : int(self.vae.input_shape[-1])]
+            return mel
+        return wave_bl.reshape(len(waves), *self.vae.input_shape)
+
+    def postprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """A VAE output batch -> media: images (B, 3, H, W) in [0, 1]; audio waveforms (B, L) in [-1, 1]."""
+        if self.modality == "image":
+            return x.clamp(0.0, 1.0)
+        if self.input_kind == "mel":
+            return self.vae.front_end.to(x.device).mel_to_wave(x, length=self.clip_samples)
+        return x.reshape(x.shape[0], -1).clamp(-1.0, 1.0)
+
+    # ----------------------------------------------------------------------------------------- API
+    @torch.no_grad()
+    def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (B, *latent_shape) -> ids (B, T)."""
+        return self.model.encode(latents.to(self.device))
+
+    @torch.no_grad()
+    def decode_latents(self, ids_bt: torch.Tensor) -> torch.Tensor:
+        """Ids (B, T) -> raw VAE latents (B, *latent_shape) (rectified, de-standardized)."""
+        return self.model.decode(torch.as_tensor(ids_bt, device=self.device))
+
+    @torch.no_grad()
+    def encode(self, inputs: Any, sample_rate: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Media -> token ids (B, T) int64 in [0, codebook_size).
+
+        Images: a (B, C, H, W) or (B, H, W, C) uint8/float tensor or array, one image, a PIL image or a list of
+        them (resized to the VAE's input size). Audio: waveforms (L,), (B, L) or a list, with ``sample_rate``.
+        """
+        x = self.preprocess(inputs, sample_rate)
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            z = self.vae.encode(x[i : i + batch_size].to(self.device))
+            out.append(self.encode_latents(z).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, ids_bt: torch.Tensor | Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
+        """Token ids (B, T) -> images (B, 3, H, W) in [0, 1], or waveforms (B, L) at ``sample_rate``."""
+        ids = torch.as_tensor(ids_bt, dtype=torch.long)
+        if ids.ndim == 1:
+            ids = ids[None]
+        out = []
+        for i in range(0, ids.shape[0], batch_size):
+            z = self.decode_latents(ids[i : i + batch_size])
+            out.append(self.postprocess(self.vae.decode(z)).cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def reconstruct(self, inputs: Any, sample_rate: int | None = None) -> torch.Tensor:
+        """``decode(encode(inputs))``."""
+        return self.decode(self.encode(inputs, sample_rate=sample_rate))
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vae={self.vae_spec!r}, modality={self.modality}, tokens={self.tokens}, "
+            f"codebook_size={self.codebook_size}, bits_per_sample={self.bits_per_sample:g}, "
+            f"quantizer={self.model.cfg.quantizer.type})"
+        )
+
+
+def load_vae_for(
+    spec: str, latent_shape: Sequence[int], device: str | torch.device = "cpu", image_size: int | None = None
+) -> Any:
+    """Load a VAE whose latents have ``latent_shape``.
+
+    Image VAEs are convolutional: their latent size depends on the input size. Without an explicit
+    ``image_size`` the VAE is loaded at its default size first, and if its latents do not match the model's,
+    reloaded at ``latent side * downsampling factor`` (e.g. 8x8 latents of an f8 VAE -> 64x64 images).
+    """
+    from revq_ray.vae import load_vae
+
+    vae = load_vae(spec, device=str(device), image_size=image_size)
+    want = tuple(int(s) for s in latent_shape)
+    if (
+        image_size is None
+        and getattr(vae, "modality", "image") == "image"
+        and tuple(vae.latent_shape) != want
+        and len(want) == 3
+        and vae.latent_shape[-1]
+    ):
+        factor = int(vae.input_shape[-1]) // int(vae.latent_shape[-1])
+        vae = load_vae(spec, device=str(device), image_size=want[-1] * factor)
+    return vae

@@ -1,0 +1,130 @@
+"""Training checkpoints (DeepSpeed, every rank) and Hugging Face exports (rank 0).
+
+A Ray Train checkpoint directory holds::
+
+    ds/                       engine.save_checkpoint(dir, tag="ds"): module + optimizer (+ ZeRO shards per rank)
+    trainer_state.json        step, epoch, position in the epoch, best val_mse, world size, ...
+
+Each rank writes its part into its own temporary directory and reports it; Ray Train merges them into one
+directory in storage. On restore every rank loads the merged directory.
+
+Code-usage counts are a *sum over ranks* (each rank counts its own tokens; resets all-reduce them). DeepSpeed
+saves the module state of rank 0 only, so before saving the counts are consolidated onto rank 0 (rank 0
+holds the global sum, the others zero: the sum over ranks is unchanged); after loading, every rank but 0
+zeroes its counts again. A resumed run therefore resets on exactly the counts an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.json"
+DS_TAG = "ds"
+
+
+@dataclass
+class TrainerState:
+    """Where training stands. ``step`` counts completed optimizer steps; ``epoch`` completed epochs;
+    ``step_in_epoch`` completed steps of the current epoch (0 at an epoch boundary)."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_val_mse: float | None = None
+    world_size: int = 1
+    resets: int = 0
+    samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        data = json.loads(text)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+def _counts_buffer(module: torch.nn.Module) -> torch.Tensor | None:
+    q = getattr(module, "quantizer", None)
+    c = getattr(q, "counts", None)
+    return c if isinstance(c, torch.Tensor) else None
+
+
+@torch.no_grad()
+def consolidate_counts(module: torch.nn.Module, rank: int, world_size: int) -> None:
+    """Collective: rank 0's counts become the global sum, the other ranks' zero (sum unchanged)."""
+    counts = _counts_buffer(module)
+    if counts is None or world_size == 1:
+        return
+    import torch.distributed as dist
+
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    if rank != 0:
+        counts.zero_()
+
+
+def save(engine: Any, state: TrainerState, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> None:
+    """Collective: every rank writes its DeepSpeed part into ``ckpt_dir``; rank 0 adds the trainer state."""
+    consolidate_counts(engine.module, rank, world_size)
+    engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, save_latest=False)
+    if rank == 0:
+        Path(ckpt_dir, STATE_FILE).write_text(state.to_json())
+
+
+def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> TrainerState:
+    """Collective: restore module, optimizer and trainer state from a (merged) checkpoint directory.
+
+    With a different world size than at save time, ZeRO optimizer shards do not fit: the module is loaded
+    and the optimizer starts fresh (said loudly)."""
+    state = TrainerState.from_json(Path(ckpt_dir, STATE_FILE).read_text())
+    same_world = state.world_size == world_size
+    if not same_world and rank == 0:
+        print(
+            f"[revq_ray.train] checkpoint was written by {state.world_size} workers, now {world_size}: loading the "
+            "model only; optimizer moments start from zero",
+            flush=True,
+        )
+    path, _ = engine.load_checkpoint(
+        str(ckpt_dir),
+        tag=DS_TAG,
+        load_optimizer_states=same_world,
+        load_lr_scheduler_states=False,
+        load_module_only=not same_world,
+    )
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir}/{DS_TAG}")
+    counts = _counts_buffer(engine.module)
+    if counts is not None and rank != 0:
+        counts.zero_()
+    state.world_size = world_size
+    return state
+
+
+def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """``save_pretrained`` into ``out_dir`` atomically (write beside it, then swap), so a reader never sees a
+    half-written export. The module is a live training module: its parameters are full fp32 at ZeRO 0-2."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        module.save_pretrained(str(tmp))
+        old = out.with_name(f".{out.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,290 @@
+"""DeepSpeed engine over a ReVQModel: config, param groups, lr schedule, per-module clipping, reset plumbing.
+
+The reference recipe, made ZeRO-aware:
+
+- AdamW with two param groups: ``codebook`` (lr, no weight decay) and ``rectifier`` (lr * 0.05, weight decay
+  1e-4); empty groups are dropped (GQ has no trainable codebook, the identity rectifier no parameters).
+- Exponential lr decay from lr to ``lr * final_lr_fraction`` over the planned steps. The lr is a pure function
+  of the step (:func:`lr_factor`), so a resumed run needs no scheduler state.
+- Gradient-norm clipping to ``grad_clip`` *per group* (codebook and rectifier separately), done here rather
+  than by DeepSpeed, whose ``gradient_clipping`` only knows one global norm. Where the gradients live depends
+  on the ZeRO stage:
+
+  * stage 0: every rank holds the full, already averaged ``param.grad``: clip it in place.
+  * stages 1 and 2: DeepSpeed drops ``param.grad`` and keeps each rank's *partition* of the averaged gradient
+    in flat fp32 buffers; every parameter fragment is reachable through ``param._hp_mapping``. Each rank sums
+    the squares of its own fragments, one all-reduce of a (groups,) vector gives the exact global norms, and
+    each rank scales its fragments in place. Same result as stage 0 (tested), one tiny all-reduce extra.
+  * stage 3 (partitioned parameters): not supported by this trainer (codebooks are gathered by rows in the
+    nearest-code search, which would need every partition); :func:`deepspeed_config` refuses it.
+
+- Precision ``bf16`` means ``torch.autocast`` (DeepSpeed's ``torch_autocast``): parameters, gradients and
+  optimizer state stay fp32 (codebooks keep full precision; the nearest-code search is not done in bf16 by
+  a bf16 copy of the codebook), matmuls and convs of the rectifier run in bf16.
+
+Reset plumbing: a non-activation reset overwrites codebook rows in the module's parameter on every rank
+(identical values). Under ZeRO 1/2 the optimizer holds its own fp32 master copy of each rank's partition and
+would overwrite the module parameter at the next step, so :func:`apply_reset_to_optimizer` writes the reset
+rows into the local master fragment too, and zeroes their Adam moments (``exp_avg``, ``exp_avg_sq``) at
+every stage, so a reset code starts fresh instead of inheriting the momentum of the dead one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from revq_ray.config import TrainConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from revq_ray.core.model import ReVQModel
+    from revq_ray.core.quantizers import ResetReport
+
+GROUP_NAMES = ("codebook", "rectifier")
+ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+# --------------------------------------------------------------------------------------------- config
+def resolve_precision(train: TrainConfig) -> str:
+    """``auto`` -> ``bf16`` on GPU, ``fp32`` on CPU."""
+    if train.precision == "auto":
+        return "bf16" if train.use_gpu else "fp32"
+    return train.precision
+
+
+def per_worker_batch(train: TrainConfig) -> int:
+    """The micro batch of one worker: ``train.batch_size`` is global and must split evenly."""
+    if train.batch_size % train.num_workers:
+        raise ValueError(
+            f"train.batch_size={train.batch_size} is the global batch and must be divisible by "
+            f"train.num_workers={train.num_workers} (e.g. train.batch_size="
+            f"{max(1, train.batch_size // train.num_workers) * train.num_workers})"
+        )
+    return train.batch_size // train.num_workers
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``train`` on ``world_size`` ranks."""
+    if train.zero_stage > 2:
+        raise ValueError(
+            f"train.zero_stage={train.zero_stage}: stage 3 partitions parameters, which the grouped nearest-code "
+            "search cannot use; choose 0, 1 or 2 (2 already partitions optimizer state and gradients)"
+        )
+    micro = train.batch_size // world_size
+    cfg: dict[str, Any] = {
+        "train_batch_size": micro * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        # torch's AdamW everywhere: no JIT-compiled fused op (CPU has none; on GPU it avoids a CUDA toolchain),
+        # and its per-parameter state is what the reset code clears at stage 0.
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True},
+        },
+        # Clipping is per module and done by clip_grad_norms_ (DeepSpeed's is one global norm).
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": train.zero_stage},
+        "steps_per_print": 10**9,  # our own progress line instead
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage in (1, 2):
+        # Plain, non-overlapped reduction: deterministic and works with gloo (CPU) and NCCL alike.
+        cfg["zero_optimization"].update(
+            {"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True, "allgather_partitions": True}
+        )
+    if resolve_precision(train) == "bf16":
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return cfg
+
+
+def param_groups(model: ReVQModel, train: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW param groups of the reference recipe; each carries ``name`` and ``base_lr`` for the schedule."""
+    groups = model.param_groups()
+    spec = {
+        "codebook": (train.lr, 0.0),
+        "rectifier": (train.lr * train.rectifier_lr_scale, train.rectifier_weight_decay),
+    }
+    out = []
+    for name in GROUP_NAMES:
+        params = groups.get(name, [])
+        if not params:
+            continue
+        lr, wd = spec[name]
+        out.append({"params": params, "lr": lr, "base_lr": lr, "weight_decay": wd, "name": name})
+    unknown = set(groups) - set(GROUP_NAMES)
+    if unknown:
+        raise RuntimeError(f"ReVQModel.param_groups returned unknown groups {sorted(unknown)}")
+    if not out:
+        raise ValueError(
+            "the model has no trainable parameters (e.g. model.quantizer.type=gq with "
+            "model.rectifier.type=identity): nothing to train"
+        )
+    return out
+
+
+def lr_factor(step: int, total_steps: int, final_fraction: float) -> float:
+    """Exponential decay: 1 at step 0, ``final_fraction`` at ``total_steps``."""
+    return final_fraction ** (min(step, total_steps) / max(total_steps, 1))
+
+
+def set_lr(optimizer: Any, step: int, total_steps: int, final_fraction: float) -> float:
+    """Set every group's lr for the step about to run; returns the codebook (first group's) lr."""
+    f = lr_factor(step, total_steps, final_fraction)
+    for g in optimizer.param_groups:
+        g["lr"] = g.get("base_lr", g["lr"]) * f
+    return optimizer.param_groups[0]["lr"]
+
+
+def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
+    """``deepspeed.initialize`` over ``model``; returns ``(engine, group_names)`` (in optimizer group order).
+
+    Reuses the process group Ray Train created (gloo on CPU, NCCL on GPU)."""
+    import deepspeed
+
+    groups = param_groups(model, train)
+    names = [g.pop("name") for g in groups]
+    base = [g.pop("base_lr") for g in groups]
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=deepspeed_config(train, world_size)
+    )
+    # DeepSpeed rebuilds the group dicts; remember the base lr on the live ones for the schedule.
+    for g, lr in zip(optimizer.param_groups, base):
+        g["base_lr"] = lr
+    return engine, names
+
+
+# --------------------------------------------------------------------------------------------- fragments
+def _fragment(p: torch.nn.Parameter) -> Any | None:
+    """DeepSpeed's mapping of ``p`` to this rank's slice of the fp32 partition (ZeRO 1/2), else None."""
+    return getattr(p, "_hp_mapping", None)
+
+
+def _is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "_hp_mapping")
+
+
+def _grad_fragment(p: torch.nn.Parameter) -> torch.Tensor | None:
+    """This rank's piece of ``p``'s averaged gradient: the full ``p.grad`` at stage 0, a flat slice at 1/2."""
+    if p.grad is not None:
+        return p.grad
+    hp = _fragment(p)
+    if hp is None:
+        return None
+    return hp.get_lp_grad_fragment(p._index_in_param_group)
+
+
+def _group_params(engine: Any) -> list[list[torch.nn.Parameter]]:
+    """The module parameters of every optimizer group. At ZeRO 1/2 the optimizer's own groups hold flat fp32
+    partitions; DeepSpeed keeps the module parameters per group in ``bit16_groups`` (fp32 ones too)."""
+    lp = getattr(engine.optimizer, "bit16_groups", None)
+    if lp is not None:
+        return [list(g) for g in lp]
+    return [list(g["params"]) for g in engine.optimizer.param_groups]
+
+
+@torch.no_grad()
+def clip_grad_norms_(engine: Any, names: list[str], max_norm: float) -> dict[str, float]:
+    """Clip each param group's gradient norm to ``max_norm`` in place (0 = measure only).
+
+    Call after ``engine.backward`` and before ``engine.step``. Returns the pre-clip norm of every group.
+    Collective at ZeRO 1/2 (one all-reduce of a (groups,) vector): every rank must call it.
+    """
+    import torch.distributed as dist
+
+    groups = _group_params(engine)
+    partitioned = any(_is_partitioned(p) for g in groups for p in g)
+    sq = torch.zeros(len(groups), dtype=torch.float64)
+    frags: list[list[torch.Tensor]] = []
+    for i, g in enumerate(groups):
+        fl = [f for f in (_grad_fragment(p) for p in g) if f is not None]
+        frags.append(fl)
+        for f in fl:
+            sq[i] += f.detach().double().pow(2).sum().cpu()
+    if partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Fragments are disjoint slices of the averaged gradient: their squared sums add up exactly.
+        dev = next(iter(engine.module.parameters())).device
+        buf = sq.to(dev)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        sq = buf.cpu()
+    norms = sq.sqrt()
+    if max_norm > 0:
+        for i, fl in enumerate(frags):
+            coef = max_norm / (float(norms[i]) + 1e-6)
+            if coef < 1.0:
+                for f in fl:
+                    f.mul_(coef)
+    return {names[i]: float(norms[i]) for i in range(len(groups))}
+
+
+def _row_flat_index(param: torch.Tensor, groups: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Flat element indices (n, row) of codebook rows ``(groups[i], codes[i])`` in a contiguous parameter of
+    shape (G, K, *row) (or (K, *row) for a shared codebook, where ``groups`` is ignored)."""
+    shape = tuple(param.shape)
+    if len(shape) >= 3:
+        row = math.prod(shape[2:])
+        base = (groups.long() * shape[1] + codes.long()) * row
+    elif len(shape) == 2:
+        row = shape[1]
+        base = codes.long() * row
+    else:
+        raise ValueError(f"reset rows of a parameter of shape {shape}: expected (G, K, d) or (K, d)")
+    return base[:, None] + torch.arange(row, dtype=torch.long)[None, :]
+
+
+def _base_optimizer(engine: Any) -> Any:
+    """The torch optimizer under any DeepSpeed wrapper."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", opt)
+
+
+def _flat_partition_state(engine: Any, hp: Any) -> dict[str, torch.Tensor]:
+    """Adam state tensors of the flat fp32 partition that ``hp`` (a fragment mapping) lives in."""
+    opt = engine.optimizer
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition", None)
+    if flats is None:
+        return {}
+    flat = flats[hp.param_group_index]
+    return _base_optimizer(engine).state.get(flat, {})
+
+
+@torch.no_grad()
+def apply_reset_to_optimizer(engine: Any, report: ResetReport) -> int:
+    """Propagate a reset (rows already overwritten in the module parameter) into the optimizer.
+
+    Writes the new rows into this rank's fp32 master fragment (ZeRO 1/2) and zeroes their Adam moments.
+    Purely local (no communication): every rank applies the identical reset to its own slice. Returns the
+    number of elements whose moments were cleared on this rank.
+    """
+    if report is None or report.count == 0:
+        return 0
+    quantizer = engine.module.quantizer
+    param = dict(quantizer.named_parameters()).get(report.param_name)
+    if param is None:
+        raise RuntimeError(f"ResetReport names quantizer parameter {report.param_name!r}, which does not exist")
+    idx = _row_flat_index(param, report.groups.cpu(), report.codes.cpu()).reshape(-1)
+    cleared = 0
+    hp = _fragment(param)
+    if _is_partitioned(param):
+        if hp is None:  # this rank owns no slice of the parameter
+            return 0
+        start, numel = hp.lp_fragment_address.start, hp.lp_fragment_address.numel
+        mine = idx[(idx >= start) & (idx < start + numel)]
+        if mine.numel() == 0:
+            return 0
+        local = (mine - start).to(hp.hp_fragment.device)
+        hp.hp_fragment.view(-1)[local] = param.detach().reshape(-1)[mine.to(param.device)].to(hp.hp_fragment.dtype)
+        state = _flat_partition_state(engine, hp)
+        off = hp.hp_fragment_address.start
+        for key in ADAM_MOMENTS:
+            if key in state:
+                state[key].view(-1)[local + off] = 0
+                cleared += local.numel()
+        return cleared
+    state = _base_optimizer(engine).state.get(param, {})
+    for key in ADAM_MOMENTS:
+        if key in state:
+            state[key].view(-1)[idx.to(state[key].device)] = 0
+            cleared += idx.numel()
+    return cleared

@@ -1,0 +1,131 @@
+"""Rank-0 run logs: ``metrics.csv``, TensorBoard events and a human-readable progress line.
+
+Both files follow the *committed* timeline of the run: when a run resumes from the checkpoint at step s
+(a restart after a failure, or a re-run of the same name), rows and events after step s are dropped first,
+because those steps are about to be done again. So ``metrics.csv`` of a finished run lists every step
+exactly once, however often it was interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.csv"
+STARTS_FILE = "starts.csv"
+
+# Fixed columns: a stable schema for CSV readers; anything else reported goes to TensorBoard only.
+COLUMNS = [
+    "step",
+    "epoch",
+    "time_s",
+    "loss",
+    "loss_quant",
+    "loss_rect",
+    "val_mse",
+    "val_mse_norect",
+    "usage_mean",
+    "usage_min",
+    "perplexity",
+    "dead_codes",
+    "samples_per_s",
+    "lr",
+    "lr_rectifier",
+    "grad_norm_codebook",
+    "grad_norm_rectifier",
+    "reset_codes",
+]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else str(v)
+    return str(v)
+
+
+class RunLogger:
+    """Writes ``<run_dir>/metrics.csv`` and ``<run_dir>/tensorboard``; only rank 0 creates one."""
+
+    def __init__(self, run_dir: str | os.PathLike, start_step: int):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.run_dir / METRICS_FILE
+        self._truncate_csv(start_step)
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events at or after it: the steps after the checkpoint are redone.
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        except Exception as err:  # tensorboard missing or broken: the CSV is the source of truth anyway
+            print(f"[revq_ray.train] TensorBoard logging off ({type(err).__name__}: {err})", flush=True)
+        with open(self.run_dir / STARTS_FILE, "a", newline="") as f:
+            if f.tell() == 0:
+                f.write("time,start_step\n")
+            f.write(f"{time.time():.3f},{start_step}\n")
+
+    def _truncate_csv(self, start_step: int) -> None:
+        rows: list[dict[str, str]] = []
+        if self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= start_step]
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, self.csv_path)
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(
+                {k: _fmt(metrics.get(k)) for k in COLUMNS}
+            )
+        if self._tb is not None:
+            step = int(metrics["step"])
+            for k, v in metrics.items():
+                if k not in ("step",) and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(m: dict[str, Any], total_steps: int, eta_s: float | None) -> str:
+    """One line per report, e.g.
+    ``step 120/1000 (12%) ep 2.40 | loss 0.1234 (quant 0.0512 rect 0.0722) | val 0.0701 | usage 97.5% (min 90.1%)
+    ppl 812 dead 3 | lr 9.1e-04 | 5,432 samples/s | eta 3m12s``."""
+    parts = [f"step {m['step']}/{total_steps} ({100 * m['step'] / max(total_steps, 1):.0f}%) ep {m['epoch']:.2f}"]
+    if "loss" in m:
+        parts.append(f"loss {m['loss']:.4f} (quant {m.get('loss_quant', float('nan')):.4f} rect {m.get('loss_rect', float('nan')):.4f})")
+    if "val_mse" in m:
+        parts.append(f"val {m['val_mse']:.4f} (norect {m.get('val_mse_norect', float('nan')):.4f})")
+    if "usage_mean" in m:
+        parts.append(
+            f"usage {100 * m['usage_mean']:.1f}% (min {100 * m['usage_min']:.1f}%) ppl {m['perplexity']:.0f} "
+            f"dead {m['dead_codes']:.0f}"
+        )
+    if m.get("reset_codes"):
+        parts.append(f"reset {m['reset_codes']:.0f} codes")
+    if "lr" in m:
+        parts.append(f"lr {m['lr']:.1e}")
+    if "samples_per_s" in m:
+        parts.append(f"{m['samples_per_s']:,.0f} samples/s")
+    if eta_s is not None:
+        parts.append(f"eta {_duration(eta_s)}")
+    return " | ".join(parts)

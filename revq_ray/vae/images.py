@@ -1,0 +1,89 @@
+"""Image input helpers shared by the VAE adapters, VAE training and the encode pipeline.
+
+Every image VAE here takes (B, 3, S, S) float in [0, 1]; adapters map that to their own range.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+_IDX_UBYTE = 0x08
+
+
+def read_idx_images(path: str | Path, limit: int | None = None) -> np.ndarray:
+    """Read an IDX3 unsigned-byte image file (Fashion-MNIST / MNIST ``*-images-idx3-ubyte[.gz]``).
+
+    Returns a uint8 array (N, H, W); ``limit`` keeps the first N images.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        header = f.read(16)
+        if len(header) < 16 or header[0] != 0 or header[1] != 0 or header[2] != _IDX_UBYTE or header[3] != 3:
+            raise ValueError(
+                f"{path}: not an IDX3 unsigned-byte image file (magic {header[:4].hex()}; expected 00000803)"
+            )
+        n, h, w = (int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(3))
+        if limit is not None:
+            n = min(n, int(limit))
+        data = f.read(n * h * w)
+    if len(data) < n * h * w:
+        raise ValueError(f"{path}: truncated IDX file ({len(data)} bytes for {n} images of {h}x{w})")
+    return np.frombuffer(data, np.uint8).reshape(n, h, w).copy()
+
+
+def to_vae_input(image, size: int) -> torch.Tensor:
+    """One image -> float tensor (3, size, size) in [0, 1].
+
+    Accepts a uint8 (or float in [0, 1]) array HxW (gray) or HxWx3 / HxWx4 (RGB[A]), a torch tensor of the same
+    layouts, or a PIL image. Gray is replicated to RGB, alpha dropped; bilinear resize (antialiased when
+    shrinking) to a square ``size``: non-square inputs are stretched, not cropped.
+    """
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image without importing PIL here
+        image = np.asarray(image.convert("RGB"))
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
+        raise ValueError(f"to_vae_input: expected HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        x = torch.from_numpy(arr.astype(np.float32) / 255.0)
+    else:
+        x = torch.from_numpy(arr.astype(np.float32)).clamp(0.0, 1.0)
+    x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
+    if x.shape[-2:] != (size, size):
+        shrink = x.shape[-1] > size or x.shape[-2] > size
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0]
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def batch_to_vae_input(images_nhw: np.ndarray, size: int) -> torch.Tensor:
+    """A uint8 batch (N, H, W) or (N, H, W, 3) -> (N, 3, size, size) in [0, 1], resized in one call."""
+    x = torch.from_numpy(np.ascontiguousarray(images_nhw)).float() / 255.0
+    x = x[:, None].expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    if x.shape[-2:] != (size, size):
+        shrink = x.shape[-1] > size or x.shape[-2] > size
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+def list_image_files(root: str | Path) -> list[Path]:
+    """All image files under ``root`` (recursive, sorted), by extension."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, max_val: float = 1.0) -> float:
+    """Mean-squared-error PSNR in dB over the whole batch (inputs in [0, max_val])."""
+    mse = F.mse_loss(x.float(), y.float()).item()
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(max_val**2 / mse))

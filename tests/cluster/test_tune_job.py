@@ -1,0 +1,162 @@
+"""A Ray job on a real `ray start --head` runs the debug sweep to completion, with token auth on.
+
+The head gets its own temp dir and free ports (other Ray instances on the machine are untouched), and
+RAY_AUTH_MODE=token with a token made for this test. Without the token the job API refuses the client.
+Teardown stops only the processes this head started (found by its unique temp dir), never `ray stop`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _own_processes(marker: str) -> list:
+    """Processes whose command line names our head's temp dir, plus all their descendants."""
+    import psutil
+
+    roots = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in (p.info["cmdline"] or [])):
+                roots.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    out = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            out.update({c.pid: c for c in p.children(recursive=True)})
+        except psutil.NoSuchProcess:
+            continue
+    return list(out.values())
+
+
+def _stop_head(marker: str) -> None:
+    import psutil
+
+    procs = _own_processes(marker)
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def ray_head():
+    # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
+    temp_dir = tempfile.mkdtemp(prefix="rqjob", dir="/tmp")
+    gcs, dash, client, agent, agent_grpc, metrics, rt_env, nm, om = _free_ports(9)
+    token = secrets.token_hex(32)
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_DEDUP_LOGS="0",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions")
+        ),
+        # Job drivers launched by this head find the venv's python and ray first.
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        RAY, "start", "--head",
+        f"--port={gcs}", f"--temp-dir={temp_dir}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
+        f"--node-manager-port={nm}", f"--object-manager-port={om}",
+        "--num-cpus=8", "--disable-usage-stats",
+    ]  # fmt: skip
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(address: str, env: dict, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+        if r.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError(f"job API at {address} not ready: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+
+
+def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
+    from revq_ray.data.synthetic import write_synthetic_shards
+    from revq_ray.tune import load_tune_config
+
+    address, env = ray_head["address"], ray_head["env"]
+    _wait_for_dashboard(address, env)
+
+    # No token, no service: the job API rejects an unauthenticated client.
+    anon = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    anon["RAY_AUTH_MODE"] = "disabled"
+    anon["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
+    refused = subprocess.run([RAY, "job", "list", "--address", address], env=anon, capture_output=True, text=True)
+    assert refused.returncode != 0, refused.stdout
+
+    shape = load_tune_config(ROOT / "tuning" / "debug.yaml").latent_shape or [4, 4, 4]
+    shards = tmp_path / "latents"
+    write_synthetic_shards(shards, 384, tuple(shape), shard_size=128, seed=2)
+    out = tmp_path / "sweeps"
+    t0 = time.time()
+    job = subprocess.run(
+        [
+            RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
+            "--", "python", "-m", "revq_ray.tune", "--config", "tuning/debug.yaml",
+            "--set", f"output_dir={out}", "--train-set", f"data.shards={shards}",
+        ],
+        env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    print(f"job took {time.time() - t0:.1f}s")
+    logs = job.stdout[-4000:] + job.stderr[-4000:]
+    assert job.returncode == 0, logs
+    assert "SUCCEEDED" in job.stdout + job.stderr, logs
+    with open(out / "debug" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and all(r["status"] != "error" for r in rows), rows
+    assert (out / "debug" / "best.yaml").is_file() and (out / "debug" / "sweep.png").is_file()

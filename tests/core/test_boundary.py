@@ -1,0 +1,158 @@
+"""The layering rule: revq_ray.core is pure PyTorch. It must import and run with Ray, DeepSpeed and diffusers
+unimportable, and no file under revq_ray/core may import them or a higher revq_ray layer."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.core
+
+ROOT = Path(__file__).resolve().parents[2]
+CORE = ROOT / "revq_ray" / "core"
+FORBIDDEN_ROOTS = {"ray", "deepspeed", "diffusers"}
+FORBIDDEN_LAYERS = {"data", "train", "eval", "vae", "tune"}
+
+_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    BLOCKED = {"ray", "deepspeed", "diffusers"}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked by test_boundary")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    for mod in BLOCKED:
+        try:
+            __import__(mod)
+        except ImportError:
+            pass
+        else:
+            raise SystemExit(f"the blocker failed: {mod} imported")
+
+    import revq_ray, revq_ray.core, revq_ray.core.model, revq_ray.core.quantizers  # noqa: E401
+    import torch
+    from revq_ray.config import ModelConfig
+    from revq_ray.core.model import ReVQModel
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.model_validate(
+        {"quantizer": {"type": "revq", "tokens": 16, "codebook_size": 8},
+         "rectifier": {"type": "vit", "width": 32, "depth": 1, "head_dim": 16}}
+    )
+    model = ReVQModel.from_config([4, 4, 4], cfg)
+    z = torch.randn(6, 4, 4, 4)
+    model.init_codebook(z)
+    out = model(z)
+    out.loss.backward()
+    model.eval()
+    ids = model.encode(z)
+    assert ids.shape == (6, 16) and ids.dtype == torch.int64
+    assert model.decode(ids).shape == z.shape
+    assert revq_ray.ReVQModel is ReVQModel
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+    print("BOUNDARY-OK")
+    """
+)
+
+
+def test_core_imports_and_runs_without_ray_deepspeed_diffusers():
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "BOUNDARY-OK" in proc.stdout
+
+
+def test_import_revq_ray_is_cheap():
+    code = (
+        "import sys, revq_ray; "
+        "heavy = [m for m in ('torch', 'ray', 'deepspeed', 'diffusers') if m in sys.modules];"
+        "print(heavy); assert not heavy, heavy"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _resolve(node: ast.ImportFrom, module: str) -> str:
+    """Absolute module name of a (possibly relative) ``from ... import``."""
+    if node.level == 0:
+        return node.module or ""
+    base = module.split(".")[: -node.level]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _violations(path: Path, root: Path = ROOT) -> list[str]:
+    rel = path.relative_to(root).with_suffix("")
+    module = ".".join(rel.parts)
+    if path.name == "__init__.py":
+        module += ".__init__"  # so that level=1 resolves to the package itself
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(node, module)
+            names.append((node.lineno, target))
+            # `from revq_ray import train` imports a layer too
+            names += [(node.lineno, f"{target}.{a.name}") for a in node.names if target == "revq_ray"]
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) in {"import_module", "__import__"}
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            names.append((node.lineno, node.args[0].value))
+    bad = []
+    for lineno, name in names:
+        parts = name.split(".")
+        if parts[0] in FORBIDDEN_ROOTS or (
+            parts[0] == "revq_ray" and len(parts) > 1 and parts[1] in FORBIDDEN_LAYERS
+        ):
+            bad.append(f"{path.relative_to(root)}:{lineno}: imports {name}")
+    return bad
+
+
+def test_no_core_file_imports_forbidden_modules():
+    files = sorted(CORE.rglob("*.py"))
+    assert files, f"no python files under {CORE}"
+    bad = [v for f in files for v in _violations(f)]
+    assert not bad, "revq_ray/core must stay pure PyTorch:\n" + "\n".join(bad)
+
+
+def test_static_checker_catches_violations(tmp_path):
+    """The checker itself works (absolute, relative, dynamic and `from revq_ray import <layer>` forms)."""
+    pkg = tmp_path / "revq_ray" / "core"
+    pkg.mkdir(parents=True)
+    bad = pkg / "bad.py"
+    bad.write_text(
+        "import ray.train\nfrom deepspeed import init\nfrom ..data import reader\nfrom revq_ray import eval\n"
+        "import importlib\nimportlib.import_module('diffusers')\nfrom revq_ray.config import ModelConfig\n"
+        "from . import layout\n"
+    )
+    found = _violations(bad, root=tmp_path)
+    assert [f.split(": imports ")[1] for f in found] == [
+        "ray.train",
+        "deepspeed",
+        "revq_ray.data",
+        "revq_ray.eval",
+        "diffusers",
+    ], found
