@@ -4,7 +4,7 @@
 on first access::
 
     from revq_ray import ReVQModel          # revq_ray.core.model (pure PyTorch)
-    from revq_ray import Tokenizer          # revq_ray.eval (VAE + ReVQModel: media <-> ids)
+    from revq_ray import Tokenizer          # revq_ray.tokenizer (VAE + ReVQModel: media <-> ids)
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "ReVQModel": "revq_ray.core.model",
     "ModelOut": "revq_ray.core.model",
-    "Tokenizer": "revq_ray.eval",
+    "Tokenizer": "revq_ray.tokenizer",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from revq_ray.core.model import ModelOut, ReVQModel  # noqa: F401
-    from revq_ray.eval import Tokenizer  # noqa: F401
+    from revq_ray.tokenizer import Tokenizer  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -72,9 +72,15 @@ class QuantizerConfig(_Section):
 
 
 class RectifierConfig(_Section):
+    """The post-quantization rectifier (revq_ray/core/rectifiers.py); it starts as the identity.
+
+    vit: EfficientViT blocks as in ReVQ (512T: width 512, depth 3, about 14 M parameters); cnn: DC-AE residual
+    conv blocks; mlp: per-position 1x1 MLP blocks; identity: no rectifier.
+    """
+
     type: Literal["vit", "cnn", "mlp", "identity"] = "vit"
-    width: int = Field(512, ge=1)
-    depth: int = Field(3, ge=0)
+    width: int = Field(512, ge=1, description="channels inside the rectifier (W)")
+    depth: int = Field(3, ge=0, description="number of blocks (L); 0 = stem and head only")
     head_dim: int = Field(32, ge=1, description="vit: attention head dimension")
     expand_ratio: float = Field(4.0, gt=0.0, description="vit/mlp: hidden expansion of the feed-forward")
 
@@ -82,12 +88,15 @@ class RectifierConfig(_Section):
     def _vit_heads(self) -> RectifierConfig:
         if self.type == "vit" and self.width % self.head_dim:
             raise ValueError(
-                f"rectifier.width={self.width} must be a multiple of rectifier.head_dim={self.head_dim} for vit"
+                f"rectifier.width={self.width} must be a multiple of rectifier.head_dim={self.head_dim} "
+                "for vit (the attention heads split the width)"
             )
         return self
 
 
 class ModelConfig(_Section):
+    """What :class:`revq_ray.core.model.ReVQModel` is built from (saved in its config.json)."""
+
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
     rectifier: RectifierConfig = Field(default_factory=RectifierConfig)
 

@@ -11,7 +11,8 @@ Examples::
         --audio-seconds 1.5 --output runs/latents/speech --logvar
 
 Re-running the same command resumes: finished shards are kept, the rest encoded. Connects to a running
-cluster when RAY_ADDRESS is set (``ray job submit -- python -m revq_ray.encode ...``), else starts Ray locally.
+cluster when RAY_ADDRESS is set (``ray job submit -- python -m revq_ray.encode ...``), else starts Ray
+locally.
 """
 
 from __future__ import annotations
@@ -27,16 +28,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode images/audio with a frozen VAE into webdataset latent shards (Ray Data).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--input", required=True, help="image/audio folder, IDX file, or .tar(s) of media (path or URI)")
+    p.add_argument(
+        "--input", required=True, help="image/audio folder, IDX file, or .tar(s) of media (path or URI)"
+    )
     p.add_argument("--vae", required=True, help="VAE spec: diffusers:<id|dir>, taesd:<dir> or builtin:<dir>")
     p.add_argument("--output", required=True, help="shard directory (path or URI); re-running resumes")
     p.add_argument("--limit", type=int, default=None, help="encode only the first N inputs (sorted order)")
-    p.add_argument("--image-size", type=int, default=None, help="image VAEs: resize inputs to SxS (default: VAE's)")
-    p.add_argument("--audio-seconds", type=float, default=None, help="audio VAEs: crop length (default: VAE's)")
+    p.add_argument(
+        "--image-size", type=int, default=None, help="image VAEs: resize inputs to SxS (default: VAE's)"
+    )
+    p.add_argument(
+        "--audio-seconds", type=float, default=None, help="audio VAEs: crop length (default: VAE's)"
+    )
     p.add_argument("--shard-size", type=int, default=1024, help="input items per shard")
     p.add_argument("--batch-size", type=int, default=64, help="VAE batch size per actor")
     p.add_argument("--num-actors", type=int, default=1, help="VAE actors (one GPU each on GPU clusters)")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPU actors: CPUs (and torch threads) each")
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=1.0, help="CPU actors: CPUs (and torch threads) each"
+    )
     p.add_argument(
         "--logvar",
         action=argparse.BooleanOptionalAction,
@@ -44,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="store posterior log-variances (default: yes for Gaussian VAEs)",
     )
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="latent storage dtype")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the VAE actors run")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the VAE actors run"
+    )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: logical CPUs for ray.init")
     return p
 

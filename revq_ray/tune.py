@@ -3,11 +3,11 @@
     python -m revq_ray.tune --config tuning/debug.yaml [--set num_samples=8] [--train-set train.lr=3e-3]
 
 A tuning preset (``tuning/*.yaml``, :class:`TuneConfig`) names a training preset (``base``, a
-``configs/*.yaml`` file, plus ``overrides``) and a search ``space`` of dotted :class:`~revq_ray.config.RunConfig`
-keys. Each trial is a Ray Tune function that builds the trial's full RunConfig (base + overrides + sampled
-values + per-trial resources) and runs it with the same ``revq_ray.train.build_trainer`` that
-``python -m revq_ray.train`` uses, with Train V2's Tune report callback so worker reports reach Tune (and
-ASHA can stop a trial between reports).
+``configs/*.yaml`` file, plus ``overrides``) and a search ``space`` of dotted
+:class:`~revq_ray.config.RunConfig` keys. Each trial is a Ray Tune function that builds the trial's full
+RunConfig (base + overrides + sampled values + per-trial resources) and runs it with the same
+``revq_ray.train.build_trainer`` that ``python -m revq_ray.train`` uses, with Train V2's Tune report
+callback so worker reports reach Tune (and ASHA can stop a trial between reports).
 
 Special handling:
 
@@ -155,7 +155,9 @@ class TuneConfig(_Section):
     """The root of a tuning preset (``tuning/*.yaml``)."""
 
     name: str = Field("sweep", min_length=1, description="sweep name; re-running the same name resumes")
-    output_dir: str = Field("runs/sweeps", description="local path or URI; the sweep lives in output_dir/name")
+    output_dir: str = Field(
+        "runs/sweeps", description="local path or URI; the sweep lives in output_dir/name"
+    )
     base: str = Field(..., min_length=1, description="training preset the trials start from (configs/*.yaml)")
     overrides: list[str] = Field(default_factory=list, description="dotted.key=value applied to base")
     metric: str | list[str] = Field("val_mse", description="metric to optimize, or [metric, bits_per_sample]")
@@ -228,7 +230,9 @@ def check_dotted_key(key: str, root: type[BaseModel] = RunConfig) -> None:
         last = i == len(parts) - 1
         if _is_section(ann):
             if last:
-                raise ConfigError(f"space key {key!r} is a section: search one of its fields, e.g. {key}.<field>")
+                raise ConfigError(
+                    f"space key {key!r} is a section: search one of its fields, e.g. {key}.<field>"
+                )
             node = ann
         elif not last:
             raise ConfigError(f"space key {key!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
@@ -277,7 +281,8 @@ def resolve_base_path(tcfg: TuneConfig, config_path: str | os.PathLike | None = 
 
 
 def latent_numel(tcfg: TuneConfig, base: RunConfig) -> int | None:
-    """C*H*W of the latents: the preset's ``latent_shape``, else the base's manifest; None if neither."""
+    """C*H*W of the latents: the preset's ``latent_shape``, else the base's manifest, else the synthetic
+    latents the train driver writes when the base asks for them (``train.synthetic_items``); None if none."""
     if tcfg.latent_shape:
         return math.prod(tcfg.latent_shape)
     if not base.data.shards:
@@ -285,10 +290,12 @@ def latent_numel(tcfg: TuneConfig, base: RunConfig) -> int | None:
     from revq_ray.data.shards import read_manifest
 
     try:
-        manifest = read_manifest(base.data.shards)
+        return math.prod(read_manifest(base.data.shards).latent_shape)
     except (FileNotFoundError, OSError, ValueError):
-        return None
-    return math.prod(manifest.latent_shape)
+        pass
+    if base.train.synthetic_items > 0 and "://" not in base.data.shards:
+        return math.prod(base.train.synthetic_latent_shape)
+    return None
 
 
 def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | None) -> None:
@@ -296,10 +303,12 @@ def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | Non
 
     Raises :class:`ConfigError` naming the key (and the value) at fault.
     """
-    for key, dist in tcfg.space.items():
+    for key in tcfg.space:
         check_dotted_key(key)
         if key in _RESERVED_KEYS:
-            raise ConfigError(f"space key {key!r} is set by the sweep itself (use resources_per_trial / name)")
+            raise ConfigError(
+                f"space key {key!r} is set by the sweep itself (use resources_per_trial / name)"
+            )
         if tcfg.asha.enabled and key in ("train.epochs", "train.max_steps"):
             raise ConfigError(f"space key {key!r}: trial length comes from asha.max_t while asha is enabled")
     if tcfg.bits_budget is not None and CODEBOOK_KEY in tcfg.space:
@@ -327,7 +336,8 @@ def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | Non
             bits_per_token = tcfg.bits_budget / t
             if round(bits_per_token) < 1 or round(bits_per_token) > 24:
                 raise ConfigError(
-                    f"bits_budget={tcfg.bits_budget} with tokens={t}: {bits_per_token:.2f} bits per token gives "
+                    f"bits_budget={tcfg.bits_budget} with tokens={t}: {bits_per_token:.2f} bits per token "
+                    "gives "
                     f"codebook_size=2**{round(bits_per_token)}; keep it between 2**1 and 2**24"
                 )
     # Every value must make a valid RunConfig on its own (types, bounds, cross-field rules).
@@ -341,7 +351,9 @@ def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | Non
             try:
                 parse_config(trial, RunConfig)
             except ConfigError as err:
-                raise ConfigError(f"space key {key!r} value {value!r} makes an invalid training config: {err}") from None
+                raise ConfigError(
+                    f"space key {key!r} value {value!r} makes an invalid training config: {err}"
+                ) from None
 
 
 def load_tune_config(
@@ -413,15 +425,28 @@ def _join(root: str, *names: str) -> str:
 
 
 def trial_config_data(
-    tcfg: TuneConfig, base_data: dict[str, Any], params: dict[str, Any], *, name: str, output_dir: str
+    tcfg: TuneConfig,
+    base_data: dict[str, Any],
+    params: dict[str, Any],
+    *,
+    name: str,
+    output_dir: str,
+    trial: bool = True,
 ) -> dict[str, Any]:
-    """The full training config (as a plain dict) of one trial: base + sampled ``params`` + sweep settings."""
+    """The full training config (as a plain dict) of one trial: base + sampled ``params`` + sweep settings.
+
+    With ``trial=False`` (best.yaml) the base keeps its own resources and length: the winner is meant to be
+    trained for real, not for the sweep's ``asha.max_t``."""
     data = copy.deepcopy(base_data)
     for key, value in params.items():
         _set_dotted(data, key, value)
     if tcfg.bits_budget is not None:
         tokens = int(_get_dotted(data, TOKENS_KEY, RunConfig().model.quantizer.tokens))
         _set_dotted(data, CODEBOOK_KEY, codebook_size_for(tcfg.bits_budget, tokens))
+    data["name"] = name
+    data["output_dir"] = output_dir
+    if not trial:
+        return data
     res = tcfg.resources_per_trial
     _set_dotted(data, "train.num_workers", res.workers)
     _set_dotted(data, "train.cpus_per_worker", res.cpus_per_worker)
@@ -431,8 +456,6 @@ def trial_config_data(
             _set_dotted(data, "train.epochs", tcfg.asha.max_t)
         else:
             _set_dotted(data, "train.max_steps", tcfg.asha.max_t)
-    data["name"] = name
-    data["output_dir"] = output_dir
     return data
 
 
@@ -506,7 +529,10 @@ def _make_events_callback(path: str | None):
             if path is None:
                 return
             with open(path, "a") as f:
-                f.write(json.dumps({"event": event, "trial_id": trial.trial_id, "time": time.time(), **more}) + "\n")
+                f.write(
+                    json.dumps({"event": event, "trial_id": trial.trial_id, "time": time.time(), **more})
+                    + "\n"
+                )
 
         def on_trial_start(self, iteration, trials, trial, **info):
             self._log("start", trial)
@@ -535,8 +561,9 @@ def run_sweep(
     """Run (or resume) the sweep described by a validated ``tcfg`` (from :func:`load_tune_config`).
 
     Uses the running Ray (or starts a local one). ``builder`` is the import path of the trainer builder
-    (``revq_ray.train:build_trainer``; another one only for tests of the sweep machinery). Returns ``{"sweep_dir", "rows", "best"}`` and
-    writes results.csv / best.yaml / sweep.png (/ pareto.png) into the sweep directory.
+    (``revq_ray.train:build_trainer``; another one only for tests of the sweep machinery). Returns
+    ``{"sweep_dir", "rows", "best"}`` and writes results.csv / best.yaml / sweep.png (/ pareto.png) into the
+    sweep directory.
     """
     import ray
     import ray.tune
@@ -547,7 +574,12 @@ def run_sweep(
         ray.init()
 
     base_data = apply_overrides(load_yaml(tcfg.base), tcfg.overrides)
-    numel = latent_numel(tcfg, parse_config(base_data, RunConfig))
+    base = parse_config(base_data, RunConfig)
+    # Synthetic debug data (train.synthetic_items) is written once here, not by concurrent trials racing.
+    from revq_ray.train.driver import _ensure_shards, resolve_paths
+
+    _ensure_shards(resolve_paths(base))
+    numel = latent_numel(tcfg, base)
     if numel is None:
         raise ConfigError(
             "cannot read the latent shape for the tokens check: set latent_shape in the tuning preset or "
@@ -699,9 +731,7 @@ def trial_rows(tcfg: TuneConfig, grid: Any) -> list[dict[str, Any]]:
             status = "completed"
         row["status"] = status
         row["error"] = "" if result.error is None else str(result.error).splitlines()[0][:200]
-        row["history"] = [
-            (h.get(tcfg.asha.time_attr), h.get(primary)) for h in history if primary in h
-        ]
+        row["history"] = [(h.get(tcfg.asha.time_attr), h.get(primary)) for h in history if primary in h]
         rows.append(row)
     rows.sort(key=lambda r: str(r["trial_id"]))
     return rows
@@ -713,9 +743,7 @@ def _pareto_front(points: list[tuple[float, float]], modes: list[str]) -> list[i
     pts = [(a * sign[0], b * sign[1]) for a, b in points]
     front = []
     for i, (a, b) in enumerate(pts):
-        dominated = any(
-            (c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(pts) if j != i
-        )
+        dominated = any((c <= a and d <= b) and (c < a or d < b) for j, (c, d) in enumerate(pts) if j != i)
         if not dominated:
             front.append(i)
     return front
@@ -747,11 +775,15 @@ def write_outputs(tcfg: TuneConfig, grid: Any, base_data: dict[str, Any], sweep_
             params,
             name=f"{tcfg.name}-best",
             output_dir=str(base_data.get("output_dir", RunConfig().output_dir)),
+            trial=False,
         )
         cfg = parse_config(data, RunConfig)
+        length = f"{tcfg.asha.max_t} {tcfg.asha.time_attr}s" if tcfg.asha.enabled else "the base's length"
         header = (
-            f"# Best trial of sweep {tcfg.name!r} ({tcfg.base}): trial {best['trial_id']}, "
-            f"{primary}={best[primary]:.6g}\n# Train it: python -m revq_ray.train --config best.yaml\n"
+            f"# Best trial of sweep {tcfg.name!r} (base {tcfg.base}): trial {best['trial_id']}, "
+            f"{primary}={best[primary]:.6g} after {length}.\n"
+            "# The base's resources and length are kept. Train it:\n"
+            "#   python -m revq_ray.train --config best.yaml\n"
         )
         _write_text(_join(sweep_dir, "best.yaml"), header + dump_config(cfg))
     else:
@@ -771,7 +803,11 @@ def format_table(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> str:
     cols = ["trial_id", *tcfg.space]
     if tcfg.bits_budget is not None and TOKENS_KEY in tcfg.space:
         cols.append(CODEBOOK_KEY)
-    cols += [*dict.fromkeys([*tcfg.metrics, BITS_METRIC, "usage_mean"]), f"{tcfg.asha.time_attr}s_done", "status"]
+    cols += [
+        *dict.fromkeys([*tcfg.metrics, BITS_METRIC, "usage_mean"]),
+        f"{tcfg.asha.time_attr}s_done",
+        "status",
+    ]
 
     def key(r):
         v = r.get(primary)
@@ -791,7 +827,12 @@ def format_table(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-_STATUS_COLORS = {"completed": "tab:blue", "stopped_early": "tab:orange", "error": "tab:red", "no_results": "0.6"}
+_STATUS_COLORS = {
+    "completed": "tab:blue",
+    "stopped_early": "tab:orange",
+    "error": "tab:red",
+    "no_results": "0.6",
+}
 
 
 def _plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
@@ -799,6 +840,7 @@ def _plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     primary = tcfg.primary_metric
     keys = list(tcfg.space)
@@ -813,10 +855,11 @@ def _plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
         v = r.get(primary)
         if isinstance(v, (builtins.int, float)):
             ax.bar(i, v, color=_STATUS_COLORS.get(r["status"], "0.5"))
-    ax.set_xticks(range(len(rows)), [str(r["trial_id"])[-5:] for r in rows], rotation=60, fontsize=7)
+    ax.set_xticks(range(len(rows)), [str(r["trial_id"]) for r in rows], rotation=60, fontsize=7)
     ax.set_title(f"{primary} per trial (last report)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in _STATUS_COLORS.values()]
-    ax.legend(handles, list(_STATUS_COLORS), fontsize=7)
+    present = [s for s in _STATUS_COLORS if any(r["status"] == s for r in rows)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_STATUS_COLORS[s]) for s in present]
+    ax.legend(handles, [s.replace("_", " ") for s in present], fontsize=7)
 
     ax = flat[1]
     for r in rows:
@@ -824,7 +867,7 @@ def _plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
         if pts:
             ax.plot(*zip(*pts), marker="o", ms=3, color=_STATUS_COLORS.get(r["status"], "0.5"), alpha=0.8)
     ax.set_xlabel(tcfg.asha.time_attr)
-    ax.set_title(f"{primary} during training (ASHA stops orange)")
+    ax.set_title(f"{primary} during training (orange: stopped by ASHA)")
 
     for ax, key in zip(flat[2:], keys):
         dist = tcfg.space[key]
@@ -843,6 +886,10 @@ def _plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
             ax.scatter(xs, ys, c=cs)
             if dist.loguniform is not None:
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+                ax.set_xlim(*dist.loguniform)
+            else:
+                ax.set_xlim(*(dist.uniform or dist.int_))
         ax.set_xlabel(key)
         ax.set_ylabel(primary)
     for ax in flat[n:]:
@@ -889,22 +936,36 @@ def _plot_pareto(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m revq_ray.tune",
-        description="Hyperparameter search over revq-ray training (Ray Tune: Optuna + ASHA, one Train run per "
-        "trial). Re-running the same command resumes an interrupted sweep.",
+        description="Hyperparameter search over revq-ray training (Ray Tune: Optuna + ASHA, one Train run "
+        "per trial). Re-running the same command resumes an interrupted sweep.",
     )
     parser.add_argument("--config", required=True, help="tuning preset, e.g. tuning/debug.yaml")
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a tuning-preset field, e.g. --set num_samples=16 (repeatable)",
     )
     parser.add_argument(
-        "--train-set", dest="train_overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a field of the base training preset for every trial, e.g. --train-set data.shards=s3://... "
-        "(repeatable)",
+        "--train-set",
+        dest="train_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base training preset for every trial, e.g. "
+        "--train-set data.shards=s3://... (repeatable)",
     )
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    parser.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: cores)")
-    parser.add_argument("--restart-errored", action="store_true", help="on resume, re-run trials that errored")
+    parser.add_argument(
+        "--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)"
+    )
+    parser.add_argument(
+        "--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: cores)"
+    )
+    parser.add_argument(
+        "--restart-errored", action="store_true", help="on resume, re-run trials that errored"
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate and print the space, run nothing")
     args = parser.parse_args(argv)
 

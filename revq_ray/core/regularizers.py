@@ -1,6 +1,7 @@
 """GQ's target-divergence constraint (arXiv 2512.06609, METHODS.md section 3) as a VAE regularizer.
 
-Per latent element, KL(N(mu, sigma^2) || N(0, 1)) in bits is ``(mu^2 + sigma^2 - 1 - log sigma^2) / (2 ln 2)``.
+Per latent element, KL(N(mu, sigma^2) || N(0, 1)) in bits is
+``(mu^2 + sigma^2 - 1 - log sigma^2) / (2 ln 2)``.
 Elements are grouped into tokens and summed: bits per token. The target is ``log2(K)`` with a tolerance
 band of +-``tolerance_bits``; tokens above the band are weighted ``lam_max``, inside 1, below ``lam_min``:
 
@@ -45,10 +46,14 @@ def kl_bits(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return (mean.square() + logvar.exp() - 1.0 - logvar) * _INV_2LN2
 
 
-def token_bits(mean: torch.Tensor, logvar: torch.Tensor, token_channels: int, layout: str = "channels") -> torch.Tensor:
+def token_bits(
+    mean: torch.Tensor, logvar: torch.Tensor, token_channels: int, layout: str = "channels"
+) -> torch.Tensor:
     """Bits per token: (B, C/d, *spatial) for ``layout="channels"``, (B, numel/d) for ``"flat"``."""
     if mean.shape != logvar.shape:
-        raise ValueError(f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape")
+        raise ValueError(
+            f"mean {tuple(mean.shape)} and logvar {tuple(logvar.shape)} must have the same shape"
+        )
     if mean.dim() not in (3, 4):
         raise ValueError(f"expected latents (B, C, H, W) or (B, C, L), got shape {tuple(mean.shape)}")
     bits = kl_bits(mean.float(), logvar.float())
@@ -59,7 +64,9 @@ def token_bits(mean: torch.Tensor, logvar: torch.Tensor, token_channels: int, la
         return bits.reshape(B, C // token_channels, token_channels, *bits.shape[2:]).sum(2)
     if layout == "flat":
         if bits[0].numel() % token_channels:
-            raise ValueError(f"latent size {bits[0].numel()} must be a multiple of token_channels={token_channels}")
+            raise ValueError(
+                f"latent size {bits[0].numel()} must be a multiple of token_channels={token_channels}"
+            )
         return bits.reshape(B, -1, token_channels).sum(-1)
     raise ValueError(f"layout={layout!r}: expected 'channels' or 'flat'")
 
@@ -105,7 +112,9 @@ class TargetDivergenceKL(nn.Module):
         if token_channels < 1:
             raise ValueError(f"token_channels={token_channels} must be >= 1")
         if tolerance_bits < 0 or weight < 0 or step < 1:
-            raise ValueError(f"need tolerance_bits >= 0, weight >= 0, step >= 1; got {tolerance_bits}, {weight}, {step}")
+            raise ValueError(
+                f"need tolerance_bits >= 0, weight >= 0, step >= 1; got {tolerance_bits}, {weight}, {step}"
+            )
         if layout not in ("channels", "flat"):
             raise ValueError(f"layout={layout!r}: expected 'channels' or 'flat'")
         self.codebook_size, self.token_channels = codebook_size, token_channels
@@ -122,11 +131,14 @@ class TargetDivergenceKL(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"target_bits={self.target_bits:.3f}, tolerance_bits={self.tolerance_bits}, weight={self.weight}, "
+            f"target_bits={self.target_bits:.3f}, tolerance_bits={self.tolerance_bits}, "
+            f"weight={self.weight}, "
             f"token_channels={self.token_channels}, layout={self.layout}"
         )
 
-    def forward(self, mean: torch.Tensor, logvar: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, mean: torch.Tensor, logvar: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss (scalar, differentiable w.r.t. mean and logvar) and detached statistics.
 
         Statistics: ``bits_mean``, ``bits_min``, ``bits_max`` (local batch), ``frac_above``, ``frac_below``

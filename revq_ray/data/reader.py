@@ -295,6 +295,8 @@ def _sample_groups(
     for i, batch in enumerate(ds.iter_batches(batch_size=batch_size, batch_format="numpy")):
         z = batch["latent"]
         b, shape = len(z), tuple(z.shape[1:])
+        if math.prod(shape) % groups:
+            raise ValueError(f"layout_tokens={groups} does not divide the latent size of {shape}")
         if "key" in batch:
             h = _key_hashes(batch["key"], seed)[:, None]  # (B, 1)
         else:

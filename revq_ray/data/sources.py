@@ -126,7 +126,10 @@ def read_idx_range(fs: Any, path: str, start: int, stop: int) -> np.ndarray:
 def _tar_samples(fs: Any, path: str, extensions: tuple[str, ...]) -> list[str]:
     """Member names of ``path`` (one per webdataset sample key, the first with a wanted extension)."""
     chosen: dict[str, str] = {}
-    with fs.open_input_stream(path, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
+    with (
+        fs.open_input_stream(path, compression=None) as stream,
+        tarfile.open(fileobj=stream, mode="r|*") as tf,
+    ):
         for info in tf:
             if not info.isreg():
                 continue
@@ -259,7 +262,10 @@ def read_item_bytes(fs: Any, items: list[SourceItem]) -> list[bytes | Exception]
             by_tar.setdefault(it.uri, {})[str(it.member)] = i
     for uri, wanted in by_tar.items():
         try:
-            with fs.open_input_stream(uri, compression=None) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
+            with (
+                fs.open_input_stream(uri, compression=None) as stream,
+                tarfile.open(fileobj=stream, mode="r|*") as tf,
+            ):
                 for info in tf:
                     if info.name in wanted:
                         f = tf.extractfile(info)

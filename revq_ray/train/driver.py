@@ -74,6 +74,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _log(f"started a local Ray with {n} logical CPUs")
 
 
+def quiet_data_progress() -> None:
+    """Ray Data's per-operator progress bars flood job logs; the training loop prints its own progress."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
 # --------------------------------------------------------------------------------------------- planning
 def _ensure_shards(cfg: RunConfig) -> None:
     """Write synthetic shards where ``data.shards`` points if it holds none and ``train.synthetic_items`` > 0
@@ -180,6 +189,8 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
     env = {
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
         "OMP_NUM_THREADS": str(cfg.train.torch_threads),
+        # Our progress line is printed once; Ray Train's print patch would log it a second time.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     if not cfg.train.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
@@ -208,6 +219,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     init_ray()
+    quiet_data_progress()
     cfg = resolve_paths(cfg)
     _ensure_shards(cfg)
     plan = plan_run(cfg, storage_path=storage_path, run_name=run_name)

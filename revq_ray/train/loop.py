@@ -130,7 +130,9 @@ def _init_codebook(model: Any, cfg: RunConfig, plan: dict[str, Any]) -> None:
     """Fill the codebooks from tokens sampled from the training split (rank 0; DeepSpeed then broadcasts
     rank 0's parameters to every rank at initialize)."""
     from revq_ray.data.reader import sample_init_tokens, train_val_datasets
+    from revq_ray.train.driver import quiet_data_progress
 
+    quiet_data_progress()
     n = cfg.data.init_samples or cfg.model.quantizer.codebook_size
     t0 = time.time()
     # keys=True: the sampler hashes keys, so the sample does not depend on block arrival order.

@@ -5,8 +5,9 @@
 ===========================  ===============================================================================
 spec                         what
 ===========================  ===============================================================================
-``diffusers:<dir|hub-id>``   AutoencoderKL / AutoencoderDC / AutoencoderTiny / AutoencoderOobleck (class from
-                             config.json ``_class_name``); a hub id (``owner/name[/subfolder]``) needs internet
+``diffusers:<dir|hub-id>``   AutoencoderKL / AutoencoderDC / AutoencoderTiny / AutoencoderOobleck (class
+                             from config.json ``_class_name``); a hub id (``owner/name[/subfolder]``) needs
+                             internet
 ``taesd:<dir>``              TAESD-format ``*encoder*.pth`` + ``*decoder*.pth`` (e.g. ../shared/models/taef2)
 ``builtin:<dir>``            a built-in ImageConvVAE / MelVAE trained with ``python -m revq_ray.vae``
 ===========================  ===============================================================================

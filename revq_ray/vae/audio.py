@@ -154,7 +154,7 @@ class MelFrontEnd(nn.Module):
 def mel_to_wave(
     mel: torch.Tensor, front_end: MelFrontEnd, n_iter: int = 32, length: int | None = None
 ) -> torch.Tensor:
-    """Normalized log-mel -> waveform with InverseMelScale + GriffinLim (see :meth:`MelFrontEnd.mel_to_wave`)."""
+    """Normalized log-mel -> waveform, InverseMelScale + GriffinLim (see :meth:`MelFrontEnd.mel_to_wave`)."""
     return front_end.mel_to_wave(mel, n_iter=n_iter, length=length)
 
 

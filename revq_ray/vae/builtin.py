@@ -168,7 +168,9 @@ class MelVAE(
         super().__init__()
         self.front_end_config = dict(front_end) if front_end else MelFrontEnd(n_mels=n_mels).config()
         if int(self.front_end_config.get("n_mels", n_mels)) != n_mels:
-            raise ValueError(f"MelVAE: n_mels={n_mels} differs from front_end n_mels={self.front_end_config['n_mels']}")
+            raise ValueError(
+                f"MelVAE: n_mels={n_mels} differs from front_end n_mels={self.front_end_config['n_mels']}"
+            )
         if frames % self.factor:
             raise ValueError(f"MelVAE: frames={frames} must be a multiple of {self.factor}")
         self.n_mels, self.frames = int(n_mels), int(frames)
@@ -229,7 +231,10 @@ class BuiltinVAE(FrozenAdapter):
         info = json.loads(info_path.read_text())
         name = info.get("class")
         if name not in BUILTIN_CLASSES:
-            raise ValueError(f"builtin:{directory}: unknown class {name!r} in {BUILTIN_FILE}; known: {list(BUILTIN_CLASSES)}")
+            raise ValueError(
+                f"builtin:{directory}: unknown class {name!r} in {BUILTIN_FILE}; "
+                f"known: {list(BUILTIN_CLASSES)}"
+            )
         model = BUILTIN_CLASSES[name].from_pretrained(str(directory), strict=True)
         super().__init__(model, device)
         self.spec = f"builtin:{directory}"
@@ -276,7 +281,9 @@ class BuiltinVAE(FrozenAdapter):
         x = self._check_input(x)
         factor = self.module.factor
         if any(s % factor for s in x.shape[2:]):
-            raise ValueError(f"{self.spec}: input spatial/time sizes {tuple(x.shape[2:])} must be multiples of {factor}")
+            raise ValueError(
+                f"{self.spec}: input spatial/time sizes {tuple(x.shape[2:])} must be multiples of {factor}"
+            )
         return x
 
     # ------------------------------------------------------------------------------ audio convenience
@@ -292,5 +299,7 @@ class BuiltinVAE(FrozenAdapter):
     def output_to_wave(self, mel: torch.Tensor, n_iter: int = 32, length: int | None = None) -> torch.Tensor:
         """Mel VAEs: decoded normalized log-mel -> waveform by Griffin-Lim (for listening)."""
         if self.input_kind != "mel":
-            raise ValueError(f"{self.spec}: output_to_wave is for mel VAEs; this one outputs {self.input_kind}")
+            raise ValueError(
+                f"{self.spec}: output_to_wave is for mel VAEs; this one outputs {self.input_kind}"
+            )
         return self.front_end.mel_to_wave(mel, n_iter=n_iter, length=length)

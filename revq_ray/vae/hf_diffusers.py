@@ -130,7 +130,9 @@ class DiffusersVAE(FrozenAdapter):
         self.factor = int(math.prod(cfg.get("downsampling_ratios", [2, 4, 4, 8, 8])))
         channels = int(cfg.get("audio_channels", 2))
         if audio_samples is None:
-            audio_samples = max(1, round(self.sample_rate * DEFAULT_AUDIO_SECONDS / self.factor)) * self.factor
+            audio_samples = (
+                max(1, round(self.sample_rate * DEFAULT_AUDIO_SECONDS / self.factor)) * self.factor
+            )
         if audio_samples % self.factor:
             raise ValueError(
                 f"{self.spec}: audio_samples={audio_samples} must be a multiple of the hop {self.factor}"
@@ -175,7 +177,9 @@ class DiffusersVAE(FrozenAdapter):
         """Oobleck: mono waveform (B, T) at ``sample_rate`` -> (B, audio_channels, T') with the mono signal
         copied to every channel and T' = T right-padded with zeros to a multiple of the hop."""
         if self.input_kind != "waveform":
-            raise ValueError(f"{self.spec}: wave_to_input is for waveform VAEs; this one takes {self.input_kind}")
+            raise ValueError(
+                f"{self.spec}: wave_to_input is for waveform VAEs; this one takes {self.input_kind}"
+            )
         extra = (-wave_bt.shape[-1]) % self.factor
         wave_bt = torch.nn.functional.pad(wave_bt.float(), (0, extra)) if extra else wave_bt.float()
         return wave_bt[:, None].expand(-1, self.input_shape[0], -1).to(self.device)

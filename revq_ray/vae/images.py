@@ -41,8 +41,8 @@ def read_idx_images(path: str | Path, limit: int | None = None) -> np.ndarray:
 def to_vae_input(image, size: int) -> torch.Tensor:
     """One image -> float tensor (3, size, size) in [0, 1].
 
-    Accepts a uint8 (or float in [0, 1]) array HxW (gray) or HxWx3 / HxWx4 (RGB[A]), a torch tensor of the same
-    layouts, or a PIL image. Gray is replicated to RGB, alpha dropped; bilinear resize (antialiased when
+    Accepts a uint8 (or float in [0, 1]) array HxW (gray) or HxWx3 / HxWx4 (RGB[A]), a torch tensor of the
+    same layouts, or a PIL image. Gray is replicated to RGB, alpha dropped; bilinear resize (antialiased when
     shrinking) to a square ``size``: non-square inputs are stretched, not cropped.
     """
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image without importing PIL here
@@ -61,7 +61,9 @@ def to_vae_input(image, size: int) -> torch.Tensor:
     x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
     if x.shape[-2:] != (size, size):
         shrink = x.shape[-1] > size or x.shape[-2] > size
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[0]
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[
+            0
+        ]
     return x.clamp(0.0, 1.0).contiguous()
 
 

@@ -34,7 +34,7 @@ def _conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
 
 
 class Clamp(nn.Module):
-    """Soft clamp to (-3, 3): keeps out-of-range latents (e.g. quantized ones) in the decoder's comfort zone."""
+    """Soft clamp to (-3, 3): keeps out-of-range latents (e.g. quantized ones) in the decoder's range."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(x / 3) * 3
@@ -49,7 +49,10 @@ class Block(nn.Module):
         if midblock_gn:
             n_gn = 4 * n
             self.pool = nn.Sequential(
-                nn.Conv2d(n, n_gn, 1, bias=False), nn.GroupNorm(4, n_gn), nn.ReLU(), nn.Conv2d(n_gn, n, 1, bias=False)
+                nn.Conv2d(n, n_gn, 1, bias=False),
+                nn.GroupNorm(4, n_gn),
+                nn.ReLU(),
+                nn.Conv2d(n_gn, n, 1, bias=False),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +89,8 @@ def _find(directory: Path, part: str) -> Path:
     if len(found) != 1:
         names = ", ".join(p.name for p in found) or "none"
         raise ValueError(
-            f"taesd:{directory}: expected exactly one *{part}*.pth file (e.g. taef2_{part}.pth), found: {names}"
+            f"taesd:{directory}: expected exactly one *{part}*.pth file (e.g. taef2_{part}.pth), "
+            f"found: {names}"
         )
     return found[0]
 
@@ -99,9 +103,11 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 class TAESDVAE(FrozenAdapter):
-    """A frozen TAESD-format autoencoder loaded from a directory with ``*encoder*.pth`` / ``*decoder*.pth``."""
+    """A frozen TAESD-format autoencoder from a directory with ``*encoder*.pth`` and ``*decoder*.pth``."""
 
-    def __init__(self, directory: str | Path, device: torch.device | str = "cpu", image_size: int | None = None):
+    def __init__(
+        self, directory: str | Path, device: torch.device | str = "cpu", image_size: int | None = None
+    ):
         directory = Path(directory).expanduser()
         if not directory.is_dir():
             raise ValueError(f"taesd:{directory}: not a directory (expected *encoder*.pth and *decoder*.pth)")
@@ -118,7 +124,9 @@ class TAESDVAE(FrozenAdapter):
             try:
                 module.load_state_dict(state, strict=True)
             except RuntimeError as err:
-                raise ValueError(f"taesd:{directory}: the {name} checkpoint does not match the TAESD format: {err}")
+                raise ValueError(
+                    f"taesd:{directory}: the {name} checkpoint does not match the TAESD format: {err}"
+                ) from None
         super().__init__(nn.ModuleDict({"encoder": encoder, "decoder": decoder}), device)
         self.encoder, self.decoder = self.module["encoder"], self.module["decoder"]
         self.spec = f"taesd:{directory}"

@@ -1,12 +1,14 @@
 """Train a built-in Gaussian VAE (ImageConvVAE or MelVAE): ``python -m revq_ray.vae --config ...``.
 
-Loss = reconstruction MSE + ``kl_weight`` * a KL term, either
+Loss = reconstruction MSE + a KL term, either
 
-- ``kl: plain``: the KL to N(0, I) in nats, summed over the latent and divided by the number of input
-  elements (so it is on the same per-element footing as the mean-squared error), or
-- ``kl: target``: GQ's target-divergence regularizer (:class:`revq_ray.core.regularizers.TargetDivergenceKL`)
-  that pushes each token of ``target_token_channels`` channels toward log2(``target_codebook_size``) bits,
-  so the trained VAE can be quantized by GQ without further training.
+- ``kl: plain``: ``kl_weight`` * the KL to N(0, I) in nats, summed over the latent and divided by the number
+  of input elements (so it is on the same per-element footing as the mean-squared error), or
+- ``kl: target``: GQ's target-divergence regularizer (:class:`revq_ray.core.regularizers.TargetDivergenceKL`,
+  global weight ``kl_weight``) that pushes each token of ``target_token_channels`` values toward
+  log2(``target_codebook_size``) bits, so the trained VAE can be quantized by GQ without further training.
+  ``target_layout: flat`` (default) constrains revq-ray's TokenLayout tokens (C-major flatten, cut into
+  d consecutive values), the tokens GQ quantizes in this project; ``channels`` is the paper's grouping.
 
 Data: ``input`` is a folder of images, an IDX image file (``*-images-idx3-ubyte[.gz]``, Fashion-MNIST), or a
 folder of audio files (``modality: audio``). Unreadable files are skipped and counted. Everything is read
@@ -49,12 +51,26 @@ class VAETrainConfig(_Section):
     hop: int = Field(256, ge=1)
     n_mels: int = Field(80, ge=1)
     f_max: float = Field(8000.0, gt=0.0)
-    crop_seconds: float = Field(1.5, gt=0.0, description="audio: training crop; frames rounded to a multiple of 4")
+    crop_seconds: float = Field(
+        1.5, gt=0.0, description="audio: training crop; frames rounded to a multiple of 4"
+    )
     # loss
-    kl: Literal["plain", "target"] = Field("plain", description="plain KL to N(0,I), or GQ's target divergence")
-    kl_weight: float = Field(1e-2, ge=0.0, description="weight of the KL term (plain: nats per input element)")
+    kl: Literal["plain", "target"] = Field(
+        "plain", description="plain KL to N(0,I), or GQ's target divergence"
+    )
+    kl_weight: float = Field(
+        1e-2,
+        ge=0.0,
+        description="plain: weight of the KL in nats per input element; target: the regularizer's global "
+        "weight (GQ's reference uses 0.1; its adaptive lam rescales it by up to 1000x either way)",
+    )  # fmt: skip
     target_codebook_size: int = Field(256, ge=2, description="kl=target: K; tokens aim at log2(K) bits")
-    target_token_channels: int = Field(4, ge=1, description="kl=target: latent channels per token")
+    target_token_channels: int = Field(4, ge=1, description="kl=target: values per token (d)")
+    target_layout: Literal["flat", "channels"] = Field(
+        "flat", description="kl=target: flat = revq-ray's TokenLayout tokens (what GQ quantizes here); "
+        "channels = GQ paper's d channels at one position"
+    )  # fmt: skip
+    target_tolerance_bits: float = Field(0.5, ge=0.0, description="kl=target: half-width of the bits band")
     # optimization
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -70,14 +86,27 @@ class VAETrainConfig(_Section):
     def _check(self) -> VAETrainConfig:
         if self.modality == "image" and self.image_size % 8:
             raise ValueError(f"image_size={self.image_size} must be a multiple of 8 (three stride-2 stages)")
-        if self.kl == "target" and self.latent_channels % self.target_token_channels:
-            raise ValueError(
-                f"latent_channels={self.latent_channels} must be a multiple of "
-                f"target_token_channels={self.target_token_channels} for kl=target"
-            )
+        if self.kl == "target":
+            d = self.target_token_channels
+            if self.target_layout == "channels" and self.latent_channels % d:
+                raise ValueError(
+                    f"latent_channels={self.latent_channels} must be a multiple of target_token_channels={d} "
+                    "for kl=target with target_layout=channels"
+                )
+            if self.latent_numel() % d:
+                raise ValueError(
+                    f"the latent has {self.latent_numel()} values, not a multiple of "
+                    f"target_token_channels={d}"
+                )
         if self.modality == "audio" and self.f_max > self.sample_rate / 2:
             raise ValueError(f"f_max={self.f_max} is above Nyquist for sample_rate={self.sample_rate}")
         return self
+
+    def latent_numel(self) -> int:
+        """Values per latent: C * (S/8)^2 for images, C * frames/4 for audio."""
+        if self.modality == "image":
+            return self.latent_channels * (self.image_size // 8) ** 2
+        return self.latent_channels * self.crop_frames() // 4
 
     def crop_frames(self) -> int:
         """Training crop in mel frames: crop_seconds rounded to a multiple of 4 (at least 4)."""
@@ -180,7 +209,8 @@ class _AudioBatches:
 
     def _crops(self, idx: torch.Tensor, random_offset: bool) -> tuple[torch.Tensor, torch.Tensor]:
         crops = [
-            crop_or_pad(self.waves[int(i)], self.n_samples, None if random_offset else 0, self.gen) for i in idx
+            crop_or_pad(self.waves[int(i)], self.n_samples, None if random_offset else 0, self.gen)
+            for i in idx
         ]
         return torch.stack([c[0] for c in crops]), torch.stack([c[1] for c in crops])
 
@@ -216,7 +246,13 @@ def _build_target_regularizer(cfg: VAETrainConfig):
             "kl=target needs revq_ray.core.regularizers.TargetDivergenceKL, which is not available "
             f"({err}); use --set kl=plain"
         ) from None
-    return TargetDivergenceKL(cfg.target_codebook_size, cfg.target_token_channels)
+    return TargetDivergenceKL(
+        cfg.target_codebook_size,
+        cfg.target_token_channels,
+        tolerance_bits=cfg.target_tolerance_bits,
+        weight=cfg.kl_weight,
+        layout=cfg.target_layout,
+    )
 
 
 def _device(name: str) -> torch.device:
@@ -282,12 +318,15 @@ def train_vae(cfg: VAETrainConfig) -> Path:
         stats: dict[str, float] = {}
         if target is None:
             kl = plain_kl(mean, logvar, x[0].numel())
+            loss = rec + cfg.kl_weight * kl
         else:
-            kl, tstats = target(mean, logvar)
+            kl, tstats = target(mean, logvar)  # already weighted by kl_weight * its adaptive lam
             stats = {k: float(v) for k, v in tstats.items() if torch.as_tensor(v).numel() == 1}
-        loss = rec + cfg.kl_weight * kl
+            loss = rec + kl
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower lr (now {cfg.lr}) or kl_weight")
+            raise FloatingPointError(
+                f"step {step}: loss is {loss.item()}; lower lr (now {cfg.lr}) or kl_weight"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
@@ -328,4 +367,3 @@ def _val_recon(model: torch.nn.Module, val) -> float:
     recon = torch.cat([model(xb, sample=False)[0] for xb in x.split(256)])
     model.train(was_training)
     return float(_recon_loss(recon, x, mask))
-

@@ -235,7 +235,9 @@ def test_security_checker_flags_open_rules():
     assert _opens_ray_port_to_world({"IpProtocol": "-1", "IpRanges": [{"CidrIp": "0.0.0.0/0"}]})
     assert _opens_ray_port_to_world({"FromPort": 6000, "ToPort": 7000, "Ipv6Ranges": [{"CidrIpv6": "::/0"}]})
     assert not _opens_ray_port_to_world({"FromPort": 22, "ToPort": 22, "IpRanges": [{"CidrIp": "0.0.0.0/0"}]})
-    assert not _opens_ray_port_to_world({"FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]})
+    assert not _opens_ray_port_to_world(
+        {"FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "10.0.0.0/8"}]}
+    )
 
 
 @pytest.mark.parametrize("name", ["cluster.yaml", "onprem.yaml"])
@@ -264,7 +266,9 @@ def test_rayjob_keeps_head_private_with_token_auth():
 
 def test_readme_never_opens_ports():
     text = (CLUSTER / "README.md").read_text()
-    assert "ray dashboard cluster/cluster.yaml" in text and "ssh -i" in text and "-L 8265:localhost:8265" in text
+    assert (
+        "ray dashboard cluster/cluster.yaml" in text and "ssh -i" in text and "-L 8265:localhost:8265" in text
+    )
     assert "RAY_AUTH_MODE=token" in text
     assert not re.search(r"--dashboard-host[= ]0\.0\.0\.0", text)
     for stop in ("ray job stop", "ray down", "ray job logs -f", "tensorboard --logdir"):
@@ -318,7 +322,7 @@ def test_named_overrides_validate():
     from revq_ray.config import load_config
 
     checked = 0
-    for fname, text in _texts().items():
+    for text in _texts().values():
         for argv in _commands(text):
             module, args = argv[2], argv[3:]
             if "--config" not in args:

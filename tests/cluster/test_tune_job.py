@@ -7,6 +7,7 @@ Teardown stops only the processes this head started (found by its unique temp di
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import secrets
@@ -64,16 +65,12 @@ def _stop_head(marker: str) -> None:
 
     procs = _own_processes(marker)
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=15)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.fixture
@@ -118,7 +115,9 @@ def ray_head():
 def _wait_for_dashboard(address: str, env: dict, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        r = subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True)
+        r = subprocess.run(
+            [RAY, "job", "list", "--address", address], env=env, capture_output=True, text=True
+        )
         if r.returncode == 0:
             return
         time.sleep(1)
@@ -126,20 +125,24 @@ def _wait_for_dashboard(address: str, env: dict, timeout: float = 60) -> None:
 
 
 def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
+    from revq_ray.config import load_config
     from revq_ray.data.synthetic import write_synthetic_shards
-    from revq_ray.tune import load_tune_config
 
     address, env = ray_head["address"], ray_head["env"]
     _wait_for_dashboard(address, env)
 
     # No token, no service: the job API rejects an unauthenticated client.
-    anon = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    anon = {
+        k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+    }
     anon["RAY_AUTH_MODE"] = "disabled"
     anon["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
-    refused = subprocess.run([RAY, "job", "list", "--address", address], env=anon, capture_output=True, text=True)
+    refused = subprocess.run(
+        [RAY, "job", "list", "--address", address], env=anon, capture_output=True, text=True
+    )
     assert refused.returncode != 0, refused.stdout
 
-    shape = load_tune_config(ROOT / "tuning" / "debug.yaml").latent_shape or [4, 4, 4]
+    shape = load_config(ROOT / "configs" / "debug.yaml").train.synthetic_latent_shape
     shards = tmp_path / "latents"
     write_synthetic_shards(shards, 384, tuple(shape), shard_size=128, seed=2)
     out = tmp_path / "sweeps"

@@ -21,7 +21,11 @@ def gen(seed: int) -> torch.Generator:
 
 # ------------------------------------------------------------------------------------------ prior samples
 def test_sobol_prior_is_deterministic_and_gaussian():
-    a, b, c = gaussian_prior_samples(4096, 3, 7), gaussian_prior_samples(4096, 3, 7), gaussian_prior_samples(4096, 3, 8)
+    a, b, c = (
+        gaussian_prior_samples(4096, 3, 7),
+        gaussian_prior_samples(4096, 3, 7),
+        gaussian_prior_samples(4096, 3, 8),
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.isfinite(a).all() and a.dtype == torch.float32
     assert a.mean(0).abs().max() < 0.02 and (a.std(0) - 1).abs().max() < 0.03  # quasi-random: tight
@@ -140,7 +144,9 @@ def test_regularizer_lams_move_and_stay_clamped():
     reg = TargetDivergenceKL(codebook_size=16, token_channels=2, step=1.5).train()
     hi = _latents(4.0)  # every token above the band
     reg(*hi)
-    assert float(reg.lam) == 1.5 and float(reg.lam_max) == 1.5 and float(reg.lam_min) == 1.0  # min clamped at 1
+    assert (
+        float(reg.lam) == 1.5 and float(reg.lam_max) == 1.5 and float(reg.lam_min) == 1.0
+    )  # min clamped at 1
     for _ in range(40):
         reg(*hi)
     assert float(reg.lam) == 1e3 and float(reg.lam_max) == 1e3  # upper clamps

@@ -50,7 +50,8 @@ def test_build_quantizer(qtype, cls):
 
 def test_build_passes_knobs():
     cfg = QuantizerConfig(
-        tokens=G, codebook_size=K, loss="joint", beta=0.5, init="kmeans++", kmeans_iters=2, search_budget_mb=3.0,
+        tokens=G, codebook_size=K, loss="joint", beta=0.5, init="kmeans++", kmeans_iters=2,
+        search_budget_mb=3.0,
         reset=ResetConfig(dead_threshold=3, ratio=0.5, noise=0.2),
     )  # fmt: skip
     q = build_quantizer(cfg, D)

@@ -12,7 +12,6 @@ from revq_ray.tune import (
     TuneConfig,
     _pareto_front,
     codebook_size_for,
-    divisors,
     dump_tune_config,
     load_tune_config,
     trial_config_data,
@@ -139,7 +138,9 @@ def test_trial_config_sets_resources_length_and_name(tmp_path):
     )
     tcfg = load_tune_config(path)
     base = yaml.safe_load(Path(tcfg.base).read_text())
-    cfg = parse_config(trial_config_data(tcfg, base, {"train.lr": 3e-3}, name="trial_x", output_dir="/o"), RunConfig)
+    cfg = parse_config(
+        trial_config_data(tcfg, base, {"train.lr": 3e-3}, name="trial_x", output_dir="/o"), RunConfig
+    )
     assert (cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.epochs) == (2, 0.5, 7)
     assert (cfg.train.lr, cfg.name, cfg.output_dir) == (3e-3, "trial_x", "/o")
 
@@ -162,7 +163,9 @@ def test_two_objectives(tmp_path):
     )
     tcfg = load_tune_config(path)
     assert tcfg.metrics == ["val_mse", "bits_per_sample"] and tcfg.primary_metric == "val_mse"
-    path = _write(tmp_path, {"train.lr": {"choice": [1e-3]}}, metric=["val_mse", "bits_per_sample"], mode="min")
+    path = _write(
+        tmp_path, {"train.lr": {"choice": [1e-3]}}, metric=["val_mse", "bits_per_sample"], mode="min"
+    )
     with pytest.raises(ConfigError, match="one metric and one mode, or two of each"):
         load_tune_config(path)
     # (mse, bits): (1, 10) and (2, 5) are both optimal; (3, 10) is dominated by both.
@@ -176,7 +179,9 @@ def test_latent_size_from_manifest(tmp_path):
     base = tmp_path / "base.yaml"
     base.write_text(yaml.safe_dump({"data": {"shards": str(tmp_path / "shards")}}))
     sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({"base": str(base), "space": {"model.quantizer.tokens": {"choice": [4, 3]}}}))
+    sweep.write_text(
+        yaml.safe_dump({"base": str(base), "space": {"model.quantizer.tokens": {"choice": [4, 3]}}})
+    )
     with pytest.raises(ConfigError, match=r"\[3\] do not divide the latent size 16"):
         load_tune_config(sweep)
     # No manifest and no latent_shape: the divisor check cannot run; a sweep refuses to start.

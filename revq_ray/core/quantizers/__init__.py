@@ -1,11 +1,11 @@
-"""Quantizers: ReVQ's grouped VQ (and plain VQ), SimVQ, GQ. Build one from config with :func:`build_quantizer`."""
+"""Quantizers: ReVQ's grouped VQ (and plain VQ), SimVQ, GQ. Build one from config: :func:`build_quantizer`."""
 
 from __future__ import annotations
 
 from revq_ray.config import QuantizerConfig
 from revq_ray.core.quantizers.base import (
-    QuantOut,
     Quantizer,
+    QuantOut,
     ReduceFn,
     ResetReport,
     accumulate_counts,

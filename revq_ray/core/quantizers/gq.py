@@ -13,8 +13,9 @@ For a token with posterior N(mu, sigma^2) the code is
 which is one matmul of features ``[mu / s2, (beta - 1/s2) / 2]`` with keys ``[c, c^2]``, chunked within the
 memory budget exactly like the nearest-code search. Without a log-variance the posterior is taken as a point
 mass: the nearest prior sample (squared Euclidean). The quantized value is the prior sample itself;
-:meth:`GaussianQuant.codes` returns it exactly. No trainable parameters and no losses: GQ's training happens in
-the VAE (see :class:`revq_ray.core.regularizers.TargetDivergenceKL`); the rectifier still trains on its output.
+:meth:`GaussianQuant.codes` returns it exactly. No trainable parameters and no losses: GQ's training happens
+in the VAE (see :class:`revq_ray.core.regularizers.TargetDivergenceKL`); the rectifier still trains on its
+output.
 
 Input: the posterior mean and log-variance in the *VAE's own units* (the prior is N(0, 1) there), not
 standardized latents.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from revq_ray.core.quantizers.base import QuantOut, Quantizer, ReduceFn, no_reduce
+from revq_ray.core.quantizers.base import Quantizer, QuantOut, ReduceFn, no_reduce
 from revq_ray.core.quantizers.grouped import CountsMixin, check_ids, check_tokens
 from revq_ray.core.quantizers.search import chunked_argmin, nearest_code, plan_search
 
@@ -35,7 +36,9 @@ _SOBOL_EPS = 1e-9
 def gaussian_prior_samples(codebook_size: int, dim: int, seed: int) -> torch.Tensor:
     """(K, d) float32 quasi-random samples of N(0, I_d): scrambled Sobol -> inverse normal CDF."""
     if dim > torch.quasirandom.SobolEngine.MAXDIM:
-        raise ValueError(f"gq token dim {dim} exceeds SobolEngine's maximum {torch.quasirandom.SobolEngine.MAXDIM}")
+        raise ValueError(
+            f"gq token dim {dim} exceeds SobolEngine's maximum {torch.quasirandom.SobolEngine.MAXDIM}"
+        )
     engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=seed)
     u = engine.draw(codebook_size, dtype=torch.float64)
     return torch.special.ndtri(u.clamp(_SOBOL_EPS, 1 - _SOBOL_EPS)).to(torch.float32)
@@ -75,7 +78,9 @@ class GaussianQuant(CountsMixin, Quantizer):
     ):
         super().__init__(reduce_fn)
         if min(tokens, dim) < 1 or codebook_size < 2:
-            raise ValueError(f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}")
+            raise ValueError(
+                f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}"
+            )
         self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
         self.beta, self.seed = beta, seed
         self.logvar_range = (float(logvar_range[0]), float(logvar_range[1]))

@@ -17,7 +17,9 @@ that passes an identically seeded generator produces a bit-identical codebook.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 import warnings
 
 import torch
@@ -25,8 +27,8 @@ import torch.nn.functional as F
 
 from revq_ray.config import ResetConfig
 from revq_ray.core.quantizers.base import (
-    QuantOut,
     Quantizer,
+    QuantOut,
     ReduceFn,
     ResetReport,
     accumulate_counts,
@@ -35,6 +37,8 @@ from revq_ray.core.quantizers.base import (
     usage_from_counts,
 )
 from revq_ray.core.quantizers.search import MB, nearest_code
+
+log = logging.getLogger(__name__)
 
 
 def check_tokens(tokens_btd: torch.Tensor, groups: int, dim: int, what: str = "tokens_btd") -> None:
@@ -133,7 +137,9 @@ class GroupedVQ(CountsMixin, Quantizer):
         if init not in ("sample", "kmeans++", "random"):
             raise ValueError(f"model.quantizer.init={init!r}: expected 'sample', 'kmeans++' or 'random'")
         if min(tokens, dim) < 1 or codebook_size < 2:
-            raise ValueError(f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}")
+            raise ValueError(
+                f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}"
+            )
         self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
         self.loss, self.beta, self.init, self.kmeans_iters = loss, beta, init, kmeans_iters
         self.reset_cfg = reset_cfg if reset_cfg is not None else ResetConfig()
@@ -174,7 +180,9 @@ class GroupedVQ(CountsMixin, Quantizer):
         """Fill every group's codebook from sampled training tokens (N, G, d), per ``self.init``.
 
         Deterministic given the tokens and the generator state, so ranks that do it with the same inputs
-        agree (or do it on rank 0 and broadcast).
+        agree (or do it on rank 0 and broadcast). Runs on CPU (the generator is a CPU generator). Cost:
+        ``sample`` about G sorts of 2K tokens; ``kmeans++`` K sequential passes over all N tokens of every
+        group (O(K N G d): minutes on CPU at K = 16,384, so meant for small K or small init sets).
         """
         check_tokens(tokens_ntd, self.tokens, self.dim, "tokens_ntd")
         x = tokens_ntd.detach().to(device="cpu", dtype=torch.float32)
@@ -186,18 +194,26 @@ class GroupedVQ(CountsMixin, Quantizer):
         elif self.init == "kmeans++":
             if x.shape[0] < self.codebook_size:
                 warnings.warn(
-                    f"kmeans++ init with {x.shape[0]} tokens < codebook_size={self.codebook_size}: some codes "
-                    "will be duplicates and start dead. Raise data.init_samples.",
+                    f"kmeans++ init with {x.shape[0]} tokens < codebook_size={self.codebook_size}: some "
+                    "codes will be duplicates and start dead. Raise data.init_samples.",
                     stacklevel=2,
                 )
             cb = kmeans_plus_plus(x, self.codebook_size, generator, budget_mb=self.search_budget_mb)
             cb = lloyd(x, cb, self.kmeans_iters, budget_mb=self.search_budget_mb)
         else:
-            cb = torch.stack([self._sample_distinct(x[:, g], generator, g) for g in range(self.tokens)])
+            rows, t0, last = [], time.monotonic(), time.monotonic()
+            for g in range(self.tokens):
+                rows.append(self._sample_distinct(x[:, g], generator, g))
+                if time.monotonic() - last > 10:  # progress on long inits (large G and K)
+                    last = time.monotonic()
+                    log.info("codebook init: %d/%d groups (%.0f s)", g + 1, self.tokens, last - t0)
+            cb = torch.stack(rows)
         self.codebook.data.copy_(cb.to(self.codebook.dtype))
         self.counts.zero_()
 
-    def _sample_distinct(self, x_nd: torch.Tensor, generator: torch.Generator | None, group: int) -> torch.Tensor:
+    def _sample_distinct(
+        self, x_nd: torch.Tensor, generator: torch.Generator | None, group: int
+    ) -> torch.Tensor:
         """K distinct token values of one group, drawn without replacement (duplicates would start dead)."""
         K, N = self.codebook_size, x_nd.shape[0]
         perm = torch.randperm(N, generator=generator)
@@ -265,7 +281,9 @@ class GroupedVQ(CountsMixin, Quantizer):
         g_idx = torch.arange(G, device=dev)[:, None].expand(G, n_max)[take]
         t_idx, s_idx = targets[take], sources[take]
         noise_dev = generator.device if generator is not None else torch.device("cpu")
-        noise = torch.randn(t_idx.numel(), self.dim, generator=generator, device=noise_dev, dtype=torch.float32)
+        noise = torch.randn(
+            t_idx.numel(), self.dim, generator=generator, device=noise_dev, dtype=torch.float32
+        )
         cb = self.codebook.data
         g_cb, t_cb, s_cb = g_idx.to(cb.device), t_idx.to(cb.device), s_idx.to(cb.device)
         # Gather all sources before writing: a source may itself be a target when most codes are dead.
@@ -296,7 +314,9 @@ def kmeans_plus_plus(
     """
     N, G, d = x_ngd.shape
     if N > 2**24:
-        raise ValueError(f"kmeans++ init over {N} tokens exceeds torch.multinomial's 2^24 limit; sample fewer")
+        raise ValueError(
+            f"kmeans++ init over {N} tokens exceeds torch.multinomial's 2^24 limit; sample fewer"
+        )
     out = torch.empty(G, k, d, dtype=torch.float32)
     gc = _group_chunk(N, d, budget_mb, G)
     for g0 in range(0, G, gc):
@@ -308,7 +328,11 @@ def kmeans_plus_plus(
         c = xs[rows, first]  # (gc, d)
         out[g0:g1, 0] = c
         d2 = (xs - c[:, None]).square().sum(-1)  # (gc, N)
+        last = time.monotonic()
         for j in range(1, k):
+            if time.monotonic() - last > 10:
+                last = time.monotonic()
+                log.info("kmeans++ init: groups %d-%d of %d, center %d/%d", g0, g1 - 1, G, j, k)
             w = d2.clamp_min(0)
             # All tokens already coincide with a center: pick uniformly (multinomial needs a positive sum).
             w = torch.where(w.sum(1, keepdim=True) > 0, w, torch.ones_like(w))
@@ -320,8 +344,10 @@ def kmeans_plus_plus(
 
 
 @torch.no_grad()
-def lloyd(x_ngd: torch.Tensor, centers_gkd: torch.Tensor, iters: int, *, budget_mb: float = 256.0) -> torch.Tensor:
-    """``iters`` Lloyd steps per group (assignment by :func:`nearest_code`); empty clusters keep their center."""
+def lloyd(
+    x_ngd: torch.Tensor, centers_gkd: torch.Tensor, iters: int, *, budget_mb: float = 256.0
+) -> torch.Tensor:
+    """``iters`` Lloyd steps per group (assigned by :func:`nearest_code`); empty clusters stay put."""
     N, G, d = x_ngd.shape
     K = centers_gkd.shape[1]
     c = centers_gkd.clone()

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from revq_ray.core.quantizers.base import QuantOut, Quantizer, ReduceFn, no_reduce, straight_through
+from revq_ray.core.quantizers.base import Quantizer, QuantOut, ReduceFn, no_reduce, straight_through
 from revq_ray.core.quantizers.grouped import CountsMixin, check_ids, check_tokens, gather_codes
 from revq_ray.core.quantizers.search import nearest_code
 
@@ -46,7 +46,9 @@ class SimVQ(CountsMixin, Quantizer):
     ):
         super().__init__(reduce_fn)
         if min(tokens, dim) < 1 or codebook_size < 2:
-            raise ValueError(f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}")
+            raise ValueError(
+                f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}"
+            )
         self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
         self.beta, self.shared, self.seed = beta, shared, seed
         self.search_budget_mb = search_budget_mb
@@ -64,7 +66,9 @@ class SimVQ(CountsMixin, Quantizer):
         self._register_counts(tokens, codebook_size)
 
     def extra_repr(self) -> str:
-        return f"tokens={self.tokens}, dim={self.dim}, codebook_size={self.codebook_size}, shared={self.shared}"
+        return (
+            f"tokens={self.tokens}, dim={self.dim}, codebook_size={self.codebook_size}, shared={self.shared}"
+        )
 
     def _map(self, c_xgd: torch.Tensor) -> torch.Tensor:
         """Apply ``c W^T + b`` per group to (..., G, d) frozen codes (one batched matmul over groups)."""

@@ -1,0 +1,379 @@
+"""``revq-ray quickstart``: the whole pipeline, offline, on real photos, in a few minutes on a laptop CPU.
+
+    python -m revq_ray quickstart [--output runs/quickstart] [--fast]
+
+1. photos   random 64x64 crops of the photographs bundled with scikit-image (``skimage.data``: astronaut,
+            rocket, camera, coins, hubble, ...) written as PNG files; two photos (chelsea the cat, coffee)
+            are held out entirely for validation and evaluation
+2. vae      a small built-in Gaussian image VAE (``ImageConvVAE``) trained on them for a few minutes
+            (``revq_ray.vae.train``): 64x64 RGB -> latent (8, 8, 8)
+3. encode   the crops -> latent shards through Ray Data (``revq_ray.encode``)
+4. train    ReVQ (grouped codebooks, non-activation reset, ViT rectifier) through Ray Train + DeepSpeed
+            (``revq_ray.train``)
+5. eval     metrics and a report on the held-out photos (``revq_ray.eval``), and a Tokenizer bundle
+
+Nothing is downloaded. Re-running reuses what is already there (photos, the VAE, finished shards, the
+finished training run), so an interrupted quickstart continues where it stopped. ``--fast`` shrinks every
+stage (tests, smoke checks); ``--fresh`` starts over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TRAIN_PHOTOS = (
+    "astronaut", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry", "retina",
+    "stereo_motorcycle", "brick", "grass", "gravel", "moon", "cell", "clock",
+)  # fmt: skip
+VAL_PHOTOS = ("chelsea", "coffee")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the quickstart uses; ``FULL`` is the default, ``FAST`` is for tests."""
+
+    crop: int = 64  # crop side written to disk
+    train_crops: int = 2048
+    val_crops: int = 128
+    image_size: int = 64  # VAE input size (crops are resized when different)
+    vae_width: int = 16
+    vae_latent_channels: int = 8
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-4
+    tokens: int = 128  # latent (8, 8, 8) = 512 values -> 128 tokens of d = 4
+    codebook_size: int = 256  # 128 * log2(256) = 1,024 bits per 64x64 image
+    rect_width: int = 64
+    rect_depth: int = 1
+    train_steps: int = 400
+    batch_size: int = 64
+    lr: float = 0.01
+    reset_interval: int = 50
+    eval_items: int = 128
+
+
+FULL = Sizes()
+FAST = Sizes(
+    crop=32, train_crops=160, val_crops=24, image_size=32, vae_width=8, vae_latent_channels=4, vae_steps=20,
+    vae_batch=16, tokens=16, codebook_size=16, rect_width=16, rect_depth=1, train_steps=6, batch_size=16,
+    reset_interval=3, eval_items=24,
+)  # fmt: skip
+
+
+def _log(msg: str) -> None:
+    print(f"[quickstart] {msg}", flush=True)
+
+
+def _load_photo(name: str):
+    from PIL import Image
+    from skimage import data
+
+    a = getattr(data, name)()
+    if isinstance(a, tuple):  # stereo_motorcycle -> (left, right, disparity)
+        a = a[0]
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    return Image.fromarray(np.ascontiguousarray(a[..., :3]))
+
+
+def write_photo_crops(out_dir: Path, photos: Sequence[str], n: int, crop: int, seed: int) -> int:
+    """``n`` random ``crop`` x ``crop`` PNG crops of ``photos`` (several scales, random flips) into ``out_dir``.
+
+    The photos are scaled down first (to 15-50% of their size) so that a crop holds objects and edges, not
+    just a patch of one flat surface. Returns the number of files written.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scaled: dict[str, list[Any]] = {}
+    for name in photos:
+        im = _load_photo(name)
+        w, h = im.size
+        versions = []
+        for s in (0.15, 0.22, 0.32, 0.5):  # a few fixed scales: resizing a 1,400 px photo per crop is slow
+            sw, sh = max(crop + 1, round(w * s)), max(crop + 1, round(h * s))
+            versions.append(im.resize((sw, sh), Image.BICUBIC))
+        scaled[name] = versions
+    for i in range(n):
+        name = photos[i % len(photos)]
+        im = scaled[name][rng.integers(len(scaled[name]))]
+        x = int(rng.integers(0, im.size[0] - crop + 1))
+        y = int(rng.integers(0, im.size[1] - crop + 1))
+        tile = im.crop((x, y, x + crop, y + crop))
+        if rng.random() < 0.5:
+            tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
+        tile.save(out_dir / f"{name}_{i:05d}.png")
+    return n
+
+
+def _stage_photos(out: Path, sz: Sizes) -> tuple[Path, Path]:
+    root = out / "photos"
+    marker = root / "photos.json"
+    want = {"train": list(TRAIN_PHOTOS), "val": list(VAL_PHOTOS), "train_crops": sz.train_crops,
+            "val_crops": sz.val_crops, "crop": sz.crop, "seed": 0}  # fmt: skip
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        _log(f"[1/5] photos: reusing {root}")
+        return root / "train", root / "val"
+    if root.exists():
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    n_tr = write_photo_crops(root / "train", TRAIN_PHOTOS, sz.train_crops, sz.crop, seed=0)
+    n_va = write_photo_crops(root / "val", VAL_PHOTOS, sz.val_crops, sz.crop, seed=1)
+    marker.write_text(json.dumps(want, indent=1))
+    _log(
+        f"[1/5] photos: {n_tr} train crops of {len(TRAIN_PHOTOS)} skimage photos, {n_va} val crops of the held-out "
+        f"{' and '.join(VAL_PHOTOS)} -> {root} ({time.perf_counter() - t0:.1f}s)"
+    )
+    return root / "train", root / "val"
+
+
+def _stage_vae(out: Path, train_dir: Path, sz: Sizes, threads: int) -> str:
+    from revq_ray.config import dump_config
+    from revq_ray.vae.train import VAETrainConfig, train_vae
+
+    vae_dir = out / "vae"
+    cfg = VAETrainConfig(
+        input=str(train_dir), modality="image", output=str(vae_dir), image_size=sz.image_size, width=sz.vae_width,
+        latent_channels=sz.vae_latent_channels, kl="plain", kl_weight=sz.vae_kl_weight, steps=sz.vae_steps,
+        batch_size=sz.vae_batch, lr=sz.vae_lr, log_every=max(1, sz.vae_steps // 10), val_items=min(128, sz.train_crops // 8),
+        device="cpu", torch_threads=threads, seed=0,
+    )  # fmt: skip
+    saved = vae_dir / "train_config.yaml"
+    if (vae_dir / "revq_vae.json").is_file() and saved.is_file() and saved.read_text() == dump_config(cfg):
+        _log(f"[2/5] vae: reusing the trained VAE in {vae_dir}")
+    else:
+        _log(
+            f"[2/5] vae: training a built-in Gaussian VAE ({sz.image_size}x{sz.image_size} RGB -> latent "
+            f"({sz.vae_latent_channels}, {sz.image_size // 8}, {sz.image_size // 8})) for {sz.vae_steps} steps"
+        )
+        train_vae(cfg)
+    return f"builtin:{vae_dir}"
+
+
+def _stage_encode(out: Path, train_dir: Path, val_dir: Path, spec: str, sz: Sizes) -> tuple[Path, Path]:
+    from revq_ray.data.encode import encode_to_shards
+
+    t0 = time.perf_counter()
+    paths = {}
+    for split, src in (("train", train_dir), ("val", val_dir)):
+        dst = out / "latents" / split
+        res = encode_to_shards(
+            str(src), spec, str(dst), shard_size=512, batch_size=64, num_actors=1, device="cpu",
+            cpus_per_actor=1.0, progress=True,
+        )  # fmt: skip
+        paths[split] = dst
+        _log(f"[3/5] encode {split}: {res.summary()}")
+    _log(f"[3/5] encode: latents in {out / 'latents'} ({time.perf_counter() - t0:.1f}s)")
+    return paths["train"], paths["val"]
+
+
+def train_config(out: Path, spec: str, shards: Path, val_shards: Path, sz: Sizes, threads: int) -> dict[str, Any]:
+    """The quickstart's training preset: configs/debug.yaml's shape (1 CPU worker, ZeRO 0, fp32, small ViT
+    rectifier), pointed at the photo latents, with step-based resets and a fixed number of steps."""
+    return {
+        "name": "train",
+        "output_dir": str(out),
+        "seed": 0,
+        "vae": spec,
+        "data": {"shards": str(shards), "val_shards": str(val_shards), "shuffle_buffer": 512, "prefetch_batches": 1},
+        "model": {
+            "quantizer": {
+                "type": "revq", "tokens": sz.tokens, "codebook_size": sz.codebook_size, "init": "sample",
+                "reset": {"enabled": True, "unit": "steps", "interval": sz.reset_interval},
+            },
+            "rectifier": {"type": "vit", "width": sz.rect_width, "depth": sz.rect_depth, "head_dim": 16},
+        },  # fmt: skip
+        "train": {
+            "num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "torch_threads": threads, "zero_stage": 0,
+            "precision": "fp32", "batch_size": sz.batch_size, "epochs": 1000, "max_steps": sz.train_steps,
+            "lr": sz.lr, "log_every": max(1, sz.train_steps // 16), "val_every": max(1, sz.train_steps // 8),
+            "checkpoint_every": max(1, sz.train_steps // 2), "keep_checkpoints": 1, "max_failures": 0,
+        },  # fmt: skip
+    }
+
+
+def _stage_train(out: Path, cfg_dict: dict[str, Any]) -> Path:
+    from revq_ray.config import parse_config
+    from revq_ray.train import run
+
+    cfg = parse_config(cfg_dict)
+    q = cfg.model.quantizer
+    _log(
+        f"[4/5] train: ReVQ T={q.tokens} x K={q.codebook_size} ({q.bits_per_sample:g} bits/image), "
+        f"{cfg.model.rectifier.type} rectifier, {cfg.train.max_steps} steps through Ray Train + DeepSpeed (CPU)"
+    )
+    t0 = time.perf_counter()
+    result = run(cfg)
+    err = getattr(result, "error", None)
+    if err:
+        raise RuntimeError(f"training failed: {err}")
+    m = result.metrics or {}
+    run_dir = Path(m.get("run_dir") or out / cfg.name)
+    _log(
+        f"[4/5] train: done in {time.perf_counter() - t0:.1f}s; val latent MSE {m.get('val_mse', math.nan):.4f} "
+        f"(without rectifier {m.get('val_mse_norect', math.nan):.4f}); model in {run_dir / 'export' / 'best'}"
+    )
+    return run_dir
+
+
+def _stage_eval(out: Path, run_dir: Path, val_dir: Path, spec: str, sz: Sizes) -> dict[str, Any]:
+    from revq_ray.eval.evaluate import evaluate
+    from revq_ray.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    res = evaluate(run_dir, val_dir, out / "eval", vae=spec, limit=sz.eval_items, device="cpu",
+                   log=lambda s: _log(f"[5/5] {s}"))  # fmt: skip
+    tok = Tokenizer.build(spec, run_dir)
+    tok.save_pretrained(out / "tokenizer")
+    _log(f"[5/5] eval: report and Tokenizer bundle written ({time.perf_counter() - t0:.1f}s)")
+    return res
+
+
+def _prepare_env() -> None:
+    # Before Ray starts: workers inherit these. Progress bars of Ray Data would interleave with our lines.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions"))
+
+
+def run_quickstart(
+    output: str | Path = "runs/quickstart",
+    fast: bool = False,
+    fresh: bool = False,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the five stages; returns a summary dict (also written to ``<output>/summary.json``)."""
+    import torch
+
+    _prepare_env()
+    sz = FAST if fast else FULL
+    out = Path(output).expanduser().resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = threads or max(1, min(os.cpu_count() or 1, 4))
+    torch.set_num_threads(threads)
+    t_all = time.perf_counter()
+    times: dict[str, float] = {}
+    _log(f"output {out} ({'fast' if fast else 'full'} sizes; {threads} torch threads); offline, nothing is downloaded")
+
+    t = time.perf_counter()
+    train_dir, val_dir = _stage_photos(out, sz)
+    times["photos"] = time.perf_counter() - t
+    t = time.perf_counter()
+    spec = _stage_vae(out, train_dir, sz, threads)
+    times["vae"] = time.perf_counter() - t
+
+    import ray
+
+    from revq_ray.train.driver import init_ray
+
+    t = time.perf_counter()
+    init_ray()
+    try:
+        shards, val_shards = _stage_encode(out, train_dir, val_dir, spec, sz)
+        times["encode"] = time.perf_counter() - t
+        t = time.perf_counter()
+        run_dir = _stage_train(out, train_config(out, spec, shards, val_shards, sz, threads))
+        times["train"] = time.perf_counter() - t
+    finally:
+        ray.shutdown()
+    t = time.perf_counter()
+    res = _stage_eval(out, run_dir, val_dir, spec, sz)
+    times["eval"] = time.perf_counter() - t
+    times["total"] = time.perf_counter() - t_all
+    summary = {
+        "output": str(out),
+        "report": str(out / "eval" / "report.md"),
+        "tokenizer": str(out / "tokenizer"),
+        "vae": spec,
+        "sizes": asdict(sz),
+        "seconds": {k: round(v, 1) for k, v in times.items()},
+        "metrics": res["summary"],
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    m = summary["metrics"]
+    sz = summary["sizes"]
+
+    def f(key: str, fmt: str = "{:.2f}") -> str:
+        v = m.get(key)
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    rows = [
+        ("held-out photos evaluated", f"{m.get('items', '-')} crops of {', '.join(VAL_PHOTOS)}"),
+        ("VAE only (continuous latent)", f"PSNR {f('psnr_vae_only')} dB  SSIM {f('ssim_vae_only', '{:.3f}')}"),
+        ("ReVQ tokens, with rectifier", f"PSNR {f('psnr_tokenized')} dB  SSIM {f('ssim_tokenized', '{:.3f}')}"),
+        ("ReVQ tokens, without rectifier", f"PSNR {f('psnr_tokenized_without_rectifier')} dB"),
+        ("latent MSE (std units) w/o -> with rectifier",
+         f"{f('latent_mse_std_without_rectifier', '{:.4f}')} -> {f('latent_mse_std_with_rectifier', '{:.4f}')}"),
+        ("tokens per image", f"{sz['tokens']} ids in [0, {sz['codebook_size']})"),
+        ("bits per image / per pixel", f"{f('bits_per_sample', '{:g}')} / {f('bits_per_pixel', '{:.3f}')}"),
+        ("codebook usage / perplexity/K (eval set)", f"{f('usage_mean', '{:.1%}')} / {f('perplexity_over_K', '{:.1%}')}"),
+    ]  # fmt: skip
+    s = summary["seconds"]
+    rows.append(
+        ("wall time", f"{s.get('total', 0):.0f}s (photos {s.get('photos', 0):.0f}, vae {s.get('vae', 0):.0f}, "
+                      f"encode {s.get('encode', 0):.0f}, train {s.get('train', 0):.0f}, eval {s.get('eval', 0):.0f})")
+    )  # fmt: skip
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 50)
+    body = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    out = summary["output"]
+    return (
+        f"\n{line}\nrevq-ray quickstart summary\n{line}\n{body}\n{line}\n"
+        f"report:    {summary['report']}\n"
+        f"tokenizer: {summary['tokenizer']}   (revq_ray.Tokenizer.from_pretrained(...).encode(images))\n"
+        f"next:      revq-ray compare --shards {out}/latents/train --val-shards {out}/latents/val "
+        f"--bits {int(sz['tokens'] * math.log2(sz['codebook_size']))} --output {out}/compare\n"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="revq-ray quickstart",
+        description="Offline end-to-end demo on real photos: built-in VAE -> Ray Data latents -> ReVQ with Ray "
+        "Train + DeepSpeed -> evaluation report. About 8 minutes on 2 CPU cores; re-running resumes.",
+    )
+    p.add_argument("--output", default="runs/quickstart", help="output directory (default runs/quickstart)")
+    p.add_argument("--fast", action="store_true", help="tiny sizes (a smoke test, ~1-2 minutes)")
+    p.add_argument("--fresh", action="store_true", help="delete the output directory first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores, at most 4)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run_quickstart(args.output, fast=args.fast, fresh=args.fresh, threads=args.threads)
+    except KeyboardInterrupt:
+        print("\n[quickstart] interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
