@@ -121,38 +121,58 @@ def read_csv_columns(path: str | Path) -> dict[str, list[float]]:
     return {k: v for k, v in cols.items() if any(not math.isnan(x) for x in v)}
 
 
+# Panels of the trainer's metrics.csv (revq_ray.train.logs.COLUMNS); unknown numeric columns get their own panel.
+CURVE_PANELS: list[tuple[str, tuple[str, ...]]] = [
+    ("training loss", ("loss", "loss_quant", "loss_rect")),
+    ("validation latent MSE (std units)", ("val_mse", "val_mse_norect")),
+    ("codebook usage (fraction of codes hit)", ("usage_mean", "usage_min")),
+    ("perplexity (mean over groups)", ("perplexity",)),
+    ("dead codes / codes reset", ("dead_codes", "reset_codes")),
+    ("learning rate", ("lr", "lr_rectifier")),
+]
+_CURVE_SKIP = {"step", "epoch", "time_s", "time", "timestamp", "samples_per_s", "rank", "worker", "global_step",
+               "training_iteration", "iter", "grad_norm_codebook", "grad_norm_rectifier"}  # fmt: skip
+
+
 def save_curves(csv_path: str | Path, path: str | Path, max_panels: int = 8) -> Path | None:
-    """Training curves (every numeric metric against the step column) from a run's metrics CSV."""
+    """Training curves against the step column from a run's metrics CSV (grouped panels, log-scale losses)."""
     cols = read_csv_columns(csv_path)
     step_key = next((k for k in ("step", "global_step", "training_iteration", "iter") if k in cols), None)
     if not cols or step_key is None:
         return None
-    skip = {step_key, "epoch", "time", "timestamp", "wall", "rank", "worker"}
-    wanted = [k for k in cols if k not in skip and not k.startswith("_")]
-    # losses first, then usage/validation, then the rest; lr last
-    order = sorted(wanted, key=lambda k: (0 if "loss" in k else 1 if ("val" in k or "usage" in k) else 3 if "lr" in k else 2, k))
-    order = order[:max_panels]
-    if not order:
+    panels = [(title, [k for k in keys if k in cols]) for title, keys in CURVE_PANELS]
+    panels = [(t, ks) for t, ks in panels if ks]
+    known = {k for _, ks in CURVE_PANELS for k in ks} | _CURVE_SKIP
+    panels += [(k, [k]) for k in cols if k not in known and not k.startswith("_")]
+    panels = panels[:max_panels]
+    if not panels:
         return None
     plt = _plt()
-    n = len(order)
-    n_cols = min(4, n)
+    n = len(panels)
+    n_cols = min(3, n)
     n_rows = math.ceil(n / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.3 * n_cols, 2.6 * n_rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 2.8 * n_rows), squeeze=False, constrained_layout=True)
     steps = np.asarray(cols[step_key])
-    for i, key in enumerate(order):
+    for i, (title, keys) in enumerate(panels):
         ax = axes[i // n_cols][i % n_cols]
-        y = np.asarray(cols[key])
-        ok = ~np.isnan(y) & ~np.isnan(steps)
-        ax.plot(steps[ok], y[ok], marker="." if ok.sum() < 30 else None, lw=1.2)
-        if "loss" in key and np.all(y[ok] > 0):
+        lo, hi = math.inf, -math.inf
+        for key in keys:
+            y = np.asarray(cols[key])
+            ok = ~np.isnan(y) & ~np.isnan(steps)
+            if not ok.any():
+                continue
+            ax.plot(steps[ok], y[ok], marker="." if ok.sum() < 30 else None, lw=1.2, label=key)
+            lo, hi = min(lo, float(y[ok].min())), max(hi, float(y[ok].max()))
+        if ("loss" in title or "MSE" in title) and lo > 0 and hi / lo > 10:  # log only when it spans a decade
             ax.set_yscale("log")
-        ax.set_title(key, fontsize=9)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel(step_key, fontsize=8)
         ax.tick_params(labelsize=7)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
     for j in range(n, n_rows * n_cols):
         axes[j // n_cols][j % n_cols].axis("off")
-    fig.suptitle(f"training curves ({Path(csv_path).name})", fontsize=10)
+    fig.suptitle(f"training curves ({Path(csv_path).parent.name}/{Path(csv_path).name})", fontsize=10)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

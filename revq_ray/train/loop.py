@@ -40,6 +40,11 @@ from revq_ray.train import engine as eng
 from revq_ray.train.logs import RunLogger, progress_line
 
 FAIL_MARKER = ".fail_at_step.done"
+# Ray Train V2 takes one report per worker every health-check interval (a queue of size 1, drained every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 2 s by default): reporting more often blocks the training loop. So every
+# log step goes to the CSV, TensorBoard and the progress line, but to ray.train.report only if this long has
+# passed since the last report; checkpoints, validations and the final step are always reported.
+_REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
 def _log(msg: str) -> None:
@@ -230,6 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     last_val: tuple[float, float] | None = None
     last_ckpt_step = start_step
     reset_codes_since_report = 0
+    last_report_t = 0.0
     lr = 0.0
 
     # ------------------------------------------------------------------ train
@@ -290,7 +296,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 last_val = (vm, vn)
         if not (due_log or due_val or due_ckpt):
             continue
-        sums = dist.sum_floats([*win.tolist(), float(win_steps)])
+        # Rank 0's clock decides whether this log step also goes to Ray (see _REPORT_INTERVAL_S); riding on
+        # the metrics all-reduce keeps every rank's report count equal, as ray.train.report requires.
+        want = float(rank == 0 and time.perf_counter() - last_report_t >= _REPORT_INTERVAL_S)
+        sums = dist.sum_floats([*win.tolist(), float(win_steps), want])
         steps_all = max(sums[3], 1.0)
         elapsed = time.perf_counter() - win_t0
         groups = engine.optimizer.param_groups
@@ -351,9 +360,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rate = state.step - start_step
             eta = (total - state.step) * (time.perf_counter() - run_t0) / rate if rate else None
             _log(progress_line(metrics, total, eta))
-        ray.train.report(
-            metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step{state.step:09d}" if checkpoint else None
-        )
+        if checkpoint is not None or due_val or last or sums[4] > 0:
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_step{state.step:09d}" if checkpoint else None,
+            )
+            last_report_t = time.perf_counter()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         win.zero_()

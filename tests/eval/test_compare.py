@@ -1,0 +1,77 @@
+"""revq-ray compare: a miniature run trains every row through revq_ray.train and tabulates them."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+
+from revq_ray import compare as C
+
+pytestmark = [pytest.mark.eval, pytest.mark.slow]
+
+
+def test_codebook_size_for_bits():
+    assert C.codebook_size_for(1024, 128) == 256
+    assert C.codebook_size_for(7168, 512) == 16384
+    with pytest.raises(ValueError, match="bits per token"):
+        C.codebook_size_for(10, 64)
+
+
+def test_row_configs_are_what_they_claim(tmp_path):
+    from revq_ray.config import parse_config
+
+    cfgs = {
+        r: parse_config(C.row_config(C.DEFAULT_BASE, r, shards="s", val_shards="", tokens=8, k=16, steps=5, output=tmp_path))
+        for r in C.ROWS
+    }
+    assert {r: c.model.quantizer.type for r, c in cfgs.items()} == {
+        "revq": "revq", "simvq": "simvq", "gq": "gq", "vq": "vq", "revq_no_reset": "revq", "revq_no_rectifier": "revq",
+    }  # fmt: skip
+    assert not cfgs["vq"].model.quantizer.reset.enabled and cfgs["vq"].model.rectifier.type == "identity"
+    assert not cfgs["revq_no_reset"].model.quantizer.reset.enabled
+    assert cfgs["revq_no_rectifier"].model.rectifier.type == "identity"
+    assert cfgs["revq"].model.quantizer.reset.enabled and cfgs["revq"].model.rectifier.type == "vit"
+    # same bits, same data, same steps for every row
+    assert {c.model.quantizer.bits_per_sample for c in cfgs.values()} == {32.0}
+    assert {c.train.max_steps for c in cfgs.values()} == {5}
+
+
+def test_gq_without_logvar_is_a_skipped_row(tmp_path):
+    from revq_ray.data.synthetic import write_synthetic_shards
+
+    write_synthetic_shards(tmp_path / "shards", 64, [4, 2, 2], with_logvar=False)
+    table = C.compare(str(tmp_path / "shards"), 32, steps=2, output=tmp_path / "out", tokens=8, rows=["gq"])
+    assert [r.status for r in table] == ["skipped"] and "log-variances" in table[0].note
+    assert (tmp_path / "out" / "compare.csv").is_file()
+
+
+def test_miniature_compare_all_rows(tmp_path, ray_local, capsys):
+    from revq_ray.data.synthetic import write_synthetic_shards
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(shards, 192, [4, 4, 4], with_logvar=True, shard_size=96)
+    out = tmp_path / "cmp"
+    rc = C.main(
+        ["--shards", str(shards), "--bits", "64", "--tokens", "16", "--steps", "3", "--output", str(out),
+         "--set", "train.batch_size=16", "--set", "model.rectifier.width=16", "--set", "train.log_every=1"]
+    )  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    with open(out / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == list(C.ROWS)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["bits_per_sample"]) == 64.0 and int(r["codebook_size"]) == 16
+        assert math.isfinite(float(r["val_mse"])) and float(r["val_mse"]) > 0
+        assert 0 < float(r["usage"]) <= 1
+        assert int(r["steps"]) == 3
+        assert (tmp_path / "cmp" / "runs" / r["name"] / "export" / "best" / "model.safetensors").is_file()
+    # identity-rectifier rows: with and without rectifier are the same number
+    by = {r["name"]: r for r in rows}
+    assert float(by["vq"]["val_mse"]) == pytest.approx(float(by["vq"]["val_mse_norect"]), rel=1e-5)
+    assert "| revq_no_rectifier |" in printed and "| simvq |" in printed
+    assert (out / "compare.png").stat().st_size > 10_000
+    assert "compare.png" in (out / "compare.md").read_text()
