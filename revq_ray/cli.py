@@ -49,7 +49,11 @@ def usage() -> str:
         "commands:",
     ]
     lines += [f"  {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items()]
-    lines += ["", "Run 'revq-ray <command> --help' for a command's options. New here? Start with 'revq-ray quickstart'."]
+    lines += [
+        "",
+        "Run 'revq-ray <command> --help' for a command's options. "
+        "New here? Start with 'revq-ray quickstart'.",
+    ]
     return "\n".join(lines)
 
 

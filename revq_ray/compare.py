@@ -34,8 +34,14 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         "plain VQ: no reset, no rectifier",
         {"quantizer.type": "vq", "quantizer.reset.enabled": False, "rectifier.type": "identity"},
     ),
-    "revq_no_reset": ("ReVQ without reset (ablation)", {"quantizer.type": "revq", "quantizer.reset.enabled": False}),
-    "revq_no_rectifier": ("ReVQ without rectifier (ablation)", {"quantizer.type": "revq", "rectifier.type": "identity"}),
+    "revq_no_reset": (
+        "ReVQ without reset (ablation)",
+        {"quantizer.type": "revq", "quantizer.reset.enabled": False},
+    ),
+    "revq_no_rectifier": (
+        "ReVQ without rectifier (ablation)",
+        {"quantizer.type": "revq", "rectifier.type": "identity"},
+    ),
 }
 
 # The base when no --config is given: a small CPU preset derived from configs/debug.yaml (embedded so the
@@ -45,10 +51,15 @@ DEFAULT_BASE: dict[str, Any] = {
     "seed": 0,
     "data": {"val_items": 256, "shuffle_buffer": 512, "prefetch_batches": 1},
     "model": {
-        "quantizer": {"type": "revq", "tokens": 64, "codebook_size": 256, "init": "sample",
-                      "reset": {"enabled": True, "unit": "steps", "interval": 50}},
+        "quantizer": {
+            "type": "revq",
+            "tokens": 64,
+            "codebook_size": 256,
+            "init": "sample",
+            "reset": {"enabled": True, "unit": "steps", "interval": 50},
+        },
         "rectifier": {"type": "vit", "width": 64, "depth": 1, "head_dim": 16},
-    },  # fmt: skip
+    },
     "train": {
         "num_workers": 1,
         "use_gpu": False,
@@ -96,10 +107,14 @@ def codebook_size_for(bits: float, tokens: int) -> int:
     k = round(2.0 ** (bits / tokens))
     if k < 2:
         raise ValueError(
-            f"--bits={bits} over {tokens} tokens is {bits / tokens:.3g} bits per token (< 1): raise --bits or lower --tokens"
+            f"--bits={bits} over {tokens} tokens is {bits / tokens:.3g} bits per token (< 1): "
+            "raise --bits or lower --tokens"
         )
     if k > 2**22:
-        raise ValueError(f"--bits={bits} over {tokens} tokens needs K = 2^{bits / tokens:.1f} codes per group: raise --tokens")
+        raise ValueError(
+            f"--bits={bits} over {tokens} tokens needs K = 2^{bits / tokens:.1f} codes per group: "
+            "raise --tokens"
+        )
     return k
 
 
@@ -111,7 +126,17 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def row_config(base: dict[str, Any], row: str, *, shards: str, val_shards: str, tokens: int, k: int, steps: int, output: Path) -> dict[str, Any]:
+def row_config(
+    base: dict[str, Any],
+    row: str,
+    *,
+    shards: str,
+    val_shards: str,
+    tokens: int,
+    k: int,
+    steps: int,
+    output: Path,
+) -> dict[str, Any]:
     """The full config dict of one comparison row (validated by the caller)."""
     cfg = copy.deepcopy(base)
     cfg["name"] = row
@@ -150,9 +175,10 @@ def compare(
     overrides: Sequence[str] = (),
     log: Callable[[str], None] = print,
 ) -> list[Row]:
-    """Train every row of :data:`ROWS` (or ``rows``) on ``shards`` at ``bits`` bits per sample; returns the table.
+    """Train every row of :data:`ROWS` (or ``rows``) on ``shards`` at ``bits`` bits per sample.
 
-    A row that cannot run on this data (GQ without log-variances) is kept with ``status="skipped"`` and a note;
+    Returns the table. A row that cannot run on this data (GQ without log-variances) is kept with
+    ``status="skipped"`` and a note;
     a row whose training fails is kept with ``status="failed"`` and the error, so one bad method never hides
     the others.
     """
@@ -183,14 +209,17 @@ def compare(
     if unknown:
         raise ValueError(f"--rows {unknown}: unknown; choose from {list(ROWS)}")
     log(
-        f"[compare] {manifest.count} latents {manifest.latent_shape} from {shards}: T={tokens} tokens x K={k} codes "
+        f"[compare] {manifest.count} latents {manifest.latent_shape} from {shards}: "
+        f"T={tokens} tokens x K={k} codes "
         f"= {actual_bits:g} bits/sample (asked {bits:g}); {steps} steps per row; rows: {', '.join(names)}"
     )
     from revq_ray.train import run as train_run
 
     table: list[Row] = []
     for i, name in enumerate(names, 1):
-        cfg_dict = row_config(base, name, shards=shards, val_shards=val_shards, tokens=tokens, k=k, steps=steps, output=output)
+        cfg_dict = row_config(
+            base, name, shards=shards, val_shards=val_shards, tokens=tokens, k=k, steps=steps, output=output
+        )
         try:
             cfg = parse_config(cfg_dict)
         except ConfigError as err:
@@ -210,8 +239,8 @@ def compare(
         if q.type == "gq" and not manifest.has_logvar:
             row.status = "skipped"
             row.note = (
-                "GQ needs posterior log-variances: these shards hold latents only (encode with a Gaussian VAE "
-                "and --logvar to include GQ)"
+                "GQ needs posterior log-variances: these shards hold latents only "
+                "(encode with a Gaussian VAE and --logvar to include GQ)"
             )
             log(f"[compare] ({i}/{len(names)}) {name}: skipped - {row.note}")
             table.append(row)
@@ -246,7 +275,11 @@ def compare(
             f"usage {100 * row.usage:.1f}%, {row.train_s:.0f}s"
         )
         table.append(row)
-    write_outputs(table, output, meta={"shards": shards, "bits_asked": bits, "steps": steps, "latent_shape": manifest.latent_shape})
+    write_outputs(
+        table,
+        output,
+        meta={"shards": shards, "bits_asked": bits, "steps": steps, "latent_shape": manifest.latent_shape},
+    )
     return table
 
 
@@ -316,9 +349,16 @@ def save_plot(table: Sequence[Row], path: Path) -> Path:
     bits = table[0].bits_per_sample if table else math.nan
     a0.set_title(f"reconstruction at {bits:g} bits/sample (lower is better)")
     a0.legend(fontsize=8)
-    a1.bar(x, [100 * r.usage if math.isfinite(r.usage) else 0 for r in table], color="tab:green", label="usage")
-    a1.plot(x, [100 * r.perplexity_over_k if math.isfinite(r.perplexity_over_k) else np.nan for r in table],
-            "o", color="tab:red", label="perplexity / K")  # fmt: skip
+    a1.bar(
+        x, [100 * r.usage if math.isfinite(r.usage) else 0 for r in table], color="tab:green", label="usage"
+    )
+    a1.plot(
+        x,
+        [100 * r.perplexity_over_k if math.isfinite(r.perplexity_over_k) else np.nan for r in table],
+        "o",
+        color="tab:red",
+        label="perplexity / K",
+    )
     a1.set_xticks(x, names, rotation=25, ha="right")
     a1.set_ylim(0, 105)
     a1.set_ylabel("%")
@@ -331,7 +371,12 @@ def save_plot(table: Sequence[Row], path: Path) -> Path:
 
 def write_outputs(table: Sequence[Row], output: Path, meta: dict[str, Any]) -> dict[str, Path]:
     output.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": output / "compare.csv", "md": output / "compare.md", "json": output / "compare.json", "png": output / "compare.png"}
+    paths = {
+        "csv": output / "compare.csv",
+        "md": output / "compare.md",
+        "json": output / "compare.json",
+        "png": output / "compare.png",
+    }
     keys = [k for k in asdict(table[0]) if k != "extra"] if table else []
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -345,7 +390,9 @@ def write_outputs(table: Sequence[Row], output: Path, meta: dict[str, Any]) -> d
         "latents (the trainer's validation), with the rectifier (the model's output) and without it.\n\n"
         "![compare](compare.png)\n"
     )
-    paths["json"].write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in table]}, indent=2, default=str))
+    paths["json"].write_text(
+        json.dumps({"meta": meta, "rows": [asdict(r) for r in table]}, indent=2, default=str)
+    )
     if table:
         save_plot(table, paths["png"])
     return paths
@@ -358,16 +405,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train ReVQ, SimVQ, GQ, plain VQ and ReVQ ablations on the same latents at the same bits "
         "per sample, and tabulate them (compare.csv/.md/.png).",
     )
-    p.add_argument("--shards", required=True, help="latent shard directory (manifest.json), from revq-ray encode")
+    p.add_argument(
+        "--shards", required=True, help="latent shard directory (manifest.json), from revq-ray encode"
+    )
     p.add_argument("--bits", type=float, required=True, help="bits per sample B = T * log2(K)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps per row (default 300)")
     p.add_argument("--output", default="runs/compare", help="output directory (default runs/compare)")
     p.add_argument("--tokens", type=int, default=None, help="T tokens per latent (default: base config's)")
     p.add_argument("--val-shards", default="", help="separate validation shards (default: a held-out slice)")
-    p.add_argument("--config", default=None, help="base run preset YAML (default: a built-in small CPU preset)")
+    p.add_argument(
+        "--config", default=None, help="base run preset YAML (default: a built-in small CPU preset)"
+    )
     p.add_argument("--rows", default=None, help=f"comma-separated subset of rows: {','.join(ROWS)}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a base-config value for every row, e.g. --set train.lr=0.005")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a base-config value for every row, e.g. --set train.lr=0.005",
+    )
     return p
 
 

@@ -34,10 +34,23 @@ from typing import Any
 import numpy as np
 
 TRAIN_PHOTOS = (
-    "astronaut", "rocket", "camera", "coins", "hubble_deep_field", "immunohistochemistry", "retina",
-    "stereo_motorcycle", "brick", "grass", "gravel", "moon", "cell", "clock",
-)  # fmt: skip
+    "astronaut",
+    "rocket",
+    "camera",
+    "coins",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "stereo_motorcycle",
+    "brick",
+    "grass",
+    "gravel",
+    "moon",
+    "cell",
+    "clock",
+)
 VAL_PHOTOS = ("chelsea", "coffee")
+STAGES = ("photos", "vae", "encode", "train", "eval")
 
 
 @dataclass(frozen=True)
@@ -67,10 +80,23 @@ class Sizes:
 
 FULL = Sizes()
 FAST = Sizes(
-    crop=32, train_crops=160, val_crops=24, image_size=32, vae_width=8, vae_latent_channels=4, vae_steps=20,
-    vae_batch=16, tokens=16, codebook_size=16, rect_width=16, rect_depth=1, train_steps=6, batch_size=16,
-    reset_interval=3, eval_items=24,
-)  # fmt: skip
+    crop=32,
+    train_crops=160,
+    val_crops=24,
+    image_size=32,
+    vae_width=8,
+    vae_latent_channels=4,
+    vae_steps=20,
+    vae_batch=16,
+    tokens=16,
+    codebook_size=16,
+    rect_width=16,
+    rect_depth=1,
+    train_steps=6,
+    batch_size=16,
+    reset_interval=3,
+    eval_items=24,
+)
 
 
 def _log(msg: str) -> None:
@@ -92,7 +118,7 @@ def _load_photo(name: str):
 
 
 def write_photo_crops(out_dir: Path, photos: Sequence[str], n: int, crop: int, seed: int) -> int:
-    """``n`` random ``crop`` x ``crop`` PNG crops of ``photos`` (several scales, random flips) into ``out_dir``.
+    """``n`` random ``crop`` x ``crop`` PNG crops of ``photos`` (several scales, random flips) in ``out_dir``.
 
     The photos are scaled down first (to 15-50% of their size) so that a crop holds objects and edges, not
     just a patch of one flat surface. Returns the number of files written.
@@ -125,8 +151,14 @@ def write_photo_crops(out_dir: Path, photos: Sequence[str], n: int, crop: int, s
 def _stage_photos(out: Path, sz: Sizes) -> tuple[Path, Path]:
     root = out / "photos"
     marker = root / "photos.json"
-    want = {"train": list(TRAIN_PHOTOS), "val": list(VAL_PHOTOS), "train_crops": sz.train_crops,
-            "val_crops": sz.val_crops, "crop": sz.crop, "seed": 0}  # fmt: skip
+    want = {
+        "train": list(TRAIN_PHOTOS),
+        "val": list(VAL_PHOTOS),
+        "train_crops": sz.train_crops,
+        "val_crops": sz.val_crops,
+        "crop": sz.crop,
+        "seed": 0,
+    }
     if marker.is_file() and json.loads(marker.read_text()) == want:
         _log(f"[1/5] photos: reusing {root}")
         return root / "train", root / "val"
@@ -137,7 +169,8 @@ def _stage_photos(out: Path, sz: Sizes) -> tuple[Path, Path]:
     n_va = write_photo_crops(root / "val", VAL_PHOTOS, sz.val_crops, sz.crop, seed=1)
     marker.write_text(json.dumps(want, indent=1))
     _log(
-        f"[1/5] photos: {n_tr} train crops of {len(TRAIN_PHOTOS)} skimage photos, {n_va} val crops of the held-out "
+        f"[1/5] photos: {n_tr} train crops of {len(TRAIN_PHOTOS)} skimage photos, "
+        f"{n_va} val crops of the held-out "
         f"{' and '.join(VAL_PHOTOS)} -> {root} ({time.perf_counter() - t0:.1f}s)"
     )
     return root / "train", root / "val"
@@ -149,18 +182,31 @@ def _stage_vae(out: Path, train_dir: Path, sz: Sizes, threads: int) -> str:
 
     vae_dir = out / "vae"
     cfg = VAETrainConfig(
-        input=str(train_dir), modality="image", output=str(vae_dir), image_size=sz.image_size, width=sz.vae_width,
-        latent_channels=sz.vae_latent_channels, kl="plain", kl_weight=sz.vae_kl_weight, steps=sz.vae_steps,
-        batch_size=sz.vae_batch, lr=sz.vae_lr, log_every=max(1, sz.vae_steps // 10), val_items=min(128, sz.train_crops // 8),
-        device="cpu", torch_threads=threads, seed=0,
-    )  # fmt: skip
+        input=str(train_dir),
+        modality="image",
+        output=str(vae_dir),
+        image_size=sz.image_size,
+        width=sz.vae_width,
+        latent_channels=sz.vae_latent_channels,
+        kl="plain",
+        kl_weight=sz.vae_kl_weight,
+        steps=sz.vae_steps,
+        batch_size=sz.vae_batch,
+        lr=sz.vae_lr,
+        log_every=max(1, sz.vae_steps // 10),
+        val_items=min(128, sz.train_crops // 8),
+        device="cpu",
+        torch_threads=threads,
+        seed=0,
+    )
     saved = vae_dir / "train_config.yaml"
     if (vae_dir / "revq_vae.json").is_file() and saved.is_file() and saved.read_text() == dump_config(cfg):
         _log(f"[2/5] vae: reusing the trained VAE in {vae_dir}")
     else:
         _log(
             f"[2/5] vae: training a built-in Gaussian VAE ({sz.image_size}x{sz.image_size} RGB -> latent "
-            f"({sz.vae_latent_channels}, {sz.image_size // 8}, {sz.image_size // 8})) for {sz.vae_steps} steps"
+            f"({sz.vae_latent_channels}, {sz.image_size // 8}, {sz.image_size // 8})) "
+            f"for {sz.vae_steps} steps"
         )
         train_vae(cfg)
     return f"builtin:{vae_dir}"
@@ -174,16 +220,25 @@ def _stage_encode(out: Path, train_dir: Path, val_dir: Path, spec: str, sz: Size
     for split, src in (("train", train_dir), ("val", val_dir)):
         dst = out / "latents" / split
         res = encode_to_shards(
-            str(src), spec, str(dst), shard_size=512, batch_size=64, num_actors=1, device="cpu",
-            cpus_per_actor=1.0, progress=True,
-        )  # fmt: skip
+            str(src),
+            spec,
+            str(dst),
+            shard_size=512,
+            batch_size=64,
+            num_actors=1,
+            device="cpu",
+            cpus_per_actor=1.0,
+            progress=True,
+        )
         paths[split] = dst
         _log(f"[3/5] encode {split}: {res.summary()}")
     _log(f"[3/5] encode: latents in {out / 'latents'} ({time.perf_counter() - t0:.1f}s)")
     return paths["train"], paths["val"]
 
 
-def train_config(out: Path, spec: str, shards: Path, val_shards: Path, sz: Sizes, threads: int) -> dict[str, Any]:
+def train_config(
+    out: Path, spec: str, shards: Path, val_shards: Path, sz: Sizes, threads: int
+) -> dict[str, Any]:
     """The quickstart's training preset: configs/debug.yaml's shape (1 CPU worker, ZeRO 0, fp32, small ViT
     rectifier), pointed at the photo latents, with step-based resets and a fixed number of steps."""
     return {
@@ -191,20 +246,39 @@ def train_config(out: Path, spec: str, shards: Path, val_shards: Path, sz: Sizes
         "output_dir": str(out),
         "seed": 0,
         "vae": spec,
-        "data": {"shards": str(shards), "val_shards": str(val_shards), "shuffle_buffer": 512, "prefetch_batches": 1},
+        "data": {
+            "shards": str(shards),
+            "val_shards": str(val_shards),
+            "shuffle_buffer": 512,
+            "prefetch_batches": 1,
+        },
         "model": {
             "quantizer": {
-                "type": "revq", "tokens": sz.tokens, "codebook_size": sz.codebook_size, "init": "sample",
+                "type": "revq",
+                "tokens": sz.tokens,
+                "codebook_size": sz.codebook_size,
+                "init": "sample",
                 "reset": {"enabled": True, "unit": "steps", "interval": sz.reset_interval},
             },
             "rectifier": {"type": "vit", "width": sz.rect_width, "depth": sz.rect_depth, "head_dim": 16},
-        },  # fmt: skip
+        },
         "train": {
-            "num_workers": 1, "use_gpu": False, "cpus_per_worker": 1, "torch_threads": threads, "zero_stage": 0,
-            "precision": "fp32", "batch_size": sz.batch_size, "epochs": 1000, "max_steps": sz.train_steps,
-            "lr": sz.lr, "log_every": max(1, sz.train_steps // 16), "val_every": max(1, sz.train_steps // 8),
-            "checkpoint_every": max(1, sz.train_steps // 2), "keep_checkpoints": 1, "max_failures": 0,
-        },  # fmt: skip
+            "num_workers": 1,
+            "use_gpu": False,
+            "cpus_per_worker": 1,
+            "torch_threads": threads,
+            "zero_stage": 0,
+            "precision": "fp32",
+            "batch_size": sz.batch_size,
+            "epochs": 1000,
+            "max_steps": sz.train_steps,
+            "lr": sz.lr,
+            "log_every": max(1, sz.train_steps // 16),
+            "val_every": max(1, sz.train_steps // 8),
+            "checkpoint_every": max(1, sz.train_steps // 2),
+            "keep_checkpoints": 1,
+            "max_failures": 0,
+        },
     }
 
 
@@ -216,7 +290,8 @@ def _stage_train(out: Path, cfg_dict: dict[str, Any]) -> Path:
     q = cfg.model.quantizer
     _log(
         f"[4/5] train: ReVQ T={q.tokens} x K={q.codebook_size} ({q.bits_per_sample:g} bits/image), "
-        f"{cfg.model.rectifier.type} rectifier, {cfg.train.max_steps} steps through Ray Train + DeepSpeed (CPU)"
+        f"{cfg.model.rectifier.type} rectifier, {cfg.train.max_steps} steps "
+        "through Ray Train + DeepSpeed (CPU)"
     )
     t0 = time.perf_counter()
     result = run(cfg)
@@ -226,7 +301,8 @@ def _stage_train(out: Path, cfg_dict: dict[str, Any]) -> Path:
     m = result.metrics or {}
     run_dir = Path(m.get("run_dir") or out / cfg.name)
     _log(
-        f"[4/5] train: done in {time.perf_counter() - t0:.1f}s; val latent MSE {m.get('val_mse', math.nan):.4f} "
+        f"[4/5] train: done in {time.perf_counter() - t0:.1f}s; "
+        f"val latent MSE {m.get('val_mse', math.nan):.4f} "
         f"(without rectifier {m.get('val_mse_norect', math.nan):.4f}); model in {run_dir / 'export' / 'best'}"
     )
     return run_dir
@@ -237,8 +313,15 @@ def _stage_eval(out: Path, run_dir: Path, val_dir: Path, spec: str, sz: Sizes) -
     from revq_ray.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
-    res = evaluate(run_dir, val_dir, out / "eval", vae=spec, limit=sz.eval_items, device="cpu",
-                   log=lambda s: _log(f"[5/5] {s}"))  # fmt: skip
+    res = evaluate(
+        run_dir,
+        val_dir,
+        out / "eval",
+        vae=spec,
+        limit=sz.eval_items,
+        device="cpu",
+        log=lambda s: _log(f"[5/5] {s}"),
+    )
     tok = Tokenizer.build(spec, run_dir)
     tok.save_pretrained(out / "tokenizer")
     _log(f"[5/5] eval: report and Tokenizer bundle written ({time.perf_counter() - t0:.1f}s)")
@@ -250,7 +333,9 @@ def _prepare_env() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions"))
+    os.environ.setdefault(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions")
+    )
 
 
 def run_quickstart(
@@ -272,7 +357,10 @@ def run_quickstart(
     torch.set_num_threads(threads)
     t_all = time.perf_counter()
     times: dict[str, float] = {}
-    _log(f"output {out} ({'fast' if fast else 'full'} sizes; {threads} torch threads); offline, nothing is downloaded")
+    _log(
+        f"output {out} ({'fast' if fast else 'full'} sizes; {threads} torch threads); "
+        "offline, nothing is downloaded"
+    )
 
     t = time.perf_counter()
     train_dir, val_dir = _stage_photos(out, sz)
@@ -317,26 +405,35 @@ def format_summary(summary: dict[str, Any]) -> str:
     m = summary["metrics"]
     sz = summary["sizes"]
 
+    F3, F4, PCT = "{:.3f}", "{:.4f}", "{:.1%}"
+
     def f(key: str, fmt: str = "{:.2f}") -> str:
         v = m.get(key)
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
     rows = [
         ("held-out photos evaluated", f"{m.get('items', '-')} crops of {', '.join(VAL_PHOTOS)}"),
-        ("VAE only (continuous latent)", f"PSNR {f('psnr_vae_only')} dB  SSIM {f('ssim_vae_only', '{:.3f}')}"),
-        ("ReVQ tokens, with rectifier", f"PSNR {f('psnr_tokenized')} dB  SSIM {f('ssim_tokenized', '{:.3f}')}"),
+        ("VAE only (continuous latent)", f"PSNR {f('psnr_vae_only')} dB  SSIM {f('ssim_vae_only', F3)}"),
+        ("ReVQ tokens, with rectifier", f"PSNR {f('psnr_tokenized')} dB  SSIM {f('ssim_tokenized', F3)}"),
         ("ReVQ tokens, without rectifier", f"PSNR {f('psnr_tokenized_without_rectifier')} dB"),
-        ("latent MSE (std units) w/o -> with rectifier",
-         f"{f('latent_mse_std_without_rectifier', '{:.4f}')} -> {f('latent_mse_std_with_rectifier', '{:.4f}')}"),
+        (
+            "latent MSE (std units) w/o -> with rectifier",
+            f"{f('latent_mse_std_without_rectifier', F4)} -> {f('latent_mse_std_with_rectifier', F4)}",
+        ),
         ("tokens per image", f"{sz['tokens']} ids in [0, {sz['codebook_size']})"),
         ("bits per image / per pixel", f"{f('bits_per_sample', '{:g}')} / {f('bits_per_pixel', '{:.3f}')}"),
-        ("codebook usage / perplexity/K (eval set)", f"{f('usage_mean', '{:.1%}')} / {f('perplexity_over_K', '{:.1%}')}"),
-    ]  # fmt: skip
+        (
+            "codebook usage / perplexity/K (eval set)",
+            f"{f('usage_mean', PCT)} / {f('perplexity_over_K', PCT)}",
+        ),
+    ]
     s = summary["seconds"]
     rows.append(
-        ("wall time", f"{s.get('total', 0):.0f}s (photos {s.get('photos', 0):.0f}, vae {s.get('vae', 0):.0f}, "
-                      f"encode {s.get('encode', 0):.0f}, train {s.get('train', 0):.0f}, eval {s.get('eval', 0):.0f})")
-    )  # fmt: skip
+        (
+            "wall time",
+            f"{s.get('total', 0):.0f}s (" + ", ".join(f"{k} {s.get(k, 0):.0f}" for k in STAGES) + ")",
+        )
+    )
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 50)
     body = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -353,7 +450,8 @@ def format_summary(summary: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="revq-ray quickstart",
-        description="Offline end-to-end demo on real photos: built-in VAE -> Ray Data latents -> ReVQ with Ray "
+        description="Offline end-to-end demo on real photos: built-in VAE -> Ray Data latents -> "
+        "ReVQ with Ray "
         "Train + DeepSpeed -> evaluation report. About 8 minutes on 2 CPU cores; re-running resumes.",
     )
     p.add_argument("--output", default="runs/quickstart", help="output directory (default runs/quickstart)")
@@ -368,12 +466,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_quickstart(args.output, fast=args.fast, fresh=args.fresh, threads=args.threads)
     except KeyboardInterrupt:
-        print("\n[quickstart] interrupted: re-run the same command to continue where it stopped", file=sys.stderr)
+        print(
+            "\n[quickstart] interrupted: re-run the same command to continue where it stopped",
+            file=sys.stderr,
+        )
         return 130
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

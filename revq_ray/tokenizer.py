@@ -114,13 +114,17 @@ def _as_image_list(inputs: Any) -> list[Any]:
             return [arr]
         if arr.ndim == 2:
             return [arr]
-        raise ValueError(f"images: expected (B, C, H, W), (B, H, W, C), (H, W, C) or (H, W); got {tuple(arr.shape)}")
+        raise ValueError(
+            f"images: expected (B, C, H, W), (B, H, W, C), (H, W, C) or (H, W); got {tuple(arr.shape)}"
+        )
     if isinstance(inputs, list | tuple):
         out = []
         for item in inputs:
             out.extend(_as_image_list(item))
         return out
-    raise TypeError(f"images: unsupported input type {type(inputs).__name__} (tensor, numpy array, PIL image or list)")
+    raise TypeError(
+        f"images: unsupported input type {type(inputs).__name__} (tensor, numpy array, PIL image or list)"
+    )
 
 
 def _as_wave_list(inputs: Any) -> list[torch.Tensor]:
@@ -156,8 +160,9 @@ class Tokenizer:
         self.vae_spec = vae_spec or getattr(vae, "spec", "")
         if tuple(vae.latent_shape) != tuple(model.latent_shape):
             raise ValueError(
-                f"VAE {self.vae_spec!r} makes latents of shape {tuple(vae.latent_shape)} but the model was trained "
-                f"on {tuple(model.latent_shape)}: use the VAE (and image size / clip length) the latents came from"
+                f"VAE {self.vae_spec!r} makes latents of shape {tuple(vae.latent_shape)} but the model was "
+                f"trained on {tuple(model.latent_shape)}: use the VAE (and image size / clip length) the "
+                "latents came from"
             )
 
     # ----------------------------------------------------------------------------------------- building
@@ -189,7 +194,8 @@ class Tokenizer:
             spec = vae or vae_spec_from_run(resolve_model_dir(path))
             if not spec:
                 raise FileNotFoundError(
-                    f"{str(path)!r} is not a Tokenizer bundle (no {CONFIG_NAME}); for a bare model export pass "
+                    f"{str(path)!r} is not a Tokenizer bundle (no {CONFIG_NAME}); "
+                    "for a bare model export pass "
                     "vae='<spec>' (e.g. builtin:<dir>) or use Tokenizer.build(vae_spec, model_dir)"
                 )
             return cls.build(spec, path, device=device)
@@ -197,7 +203,9 @@ class Tokenizer:
         if cfg.get("format") != FORMAT:
             raise ValueError(f"{cfg_file}: not a revq-ray tokenizer (format={cfg.get('format')!r})")
         if int(cfg.get("version", 0)) > VERSION:
-            raise ValueError(f"{cfg_file}: version {cfg['version']} is newer than this revq-ray ({VERSION}); upgrade")
+            raise ValueError(
+                f"{cfg_file}: version {cfg['version']} is newer than this revq-ray ({VERSION}); upgrade"
+            )
         spec = vae or cls._absolute_spec(cfg["vae"], path)
         from revq_ray.core.model import ReVQModel
 
@@ -216,7 +224,7 @@ class Tokenizer:
         return spec
 
     def save_pretrained(self, path: str | os.PathLike, copy_vae: bool | None = None) -> Path:
-        """Write a bundle: ``tokenizer.json``, ``model/`` and (built-in / TAESD VAEs) a copy of the VAE in ``vae/``.
+        """Write a bundle: ``tokenizer.json``, ``model/`` and (built-in / TAESD VAEs) the VAE in ``vae/``.
 
         ``copy_vae``: None copies built-in and TAESD VAE directories (small) and references diffusers VAEs by
         spec; True copies any local VAE directory; False never copies (the bundle then needs the VAE path).
@@ -309,9 +317,9 @@ class Tokenizer:
         self.vae.to(device)
         return self
 
-    # ----------------------------------------------------------------------------------------- media <-> VAE input
+    # ------------------------------------------------------------------------------- media <-> VAE input
     def preprocess(self, inputs: Any, sample_rate: int | None = None) -> torch.Tensor:
-        """Media -> a VAE input batch: images (B, 3, S, S) in [0, 1]; audio: normalized mel or waveform clips."""
+        """Media -> a VAE input batch: images (B, 3, S, S) in [0, 1]; audio: normalized mel or waveforms."""
         if self.modality == "image":
             from revq_ray.vae.images import to_vae_input
 
@@ -325,7 +333,9 @@ class Tokenizer:
         from revq_ray.vae.audio import crop_or_pad
 
         if sample_rate is None:
-            raise ValueError("audio tokenizer: pass sample_rate= with the waveforms (their sampling rate in Hz)")
+            raise ValueError(
+                "audio tokenizer: pass sample_rate= with the waveforms (their sampling rate in Hz)"
+            )
         waves = []
         for w in _as_wave_list(inputs):
             if int(sample_rate) != self.sample_rate:
@@ -361,8 +371,9 @@ class Tokenizer:
     def encode(self, inputs: Any, sample_rate: int | None = None, batch_size: int = 64) -> torch.Tensor:
         """Media -> token ids (B, T) int64 in [0, codebook_size).
 
-        Images: a (B, C, H, W) or (B, H, W, C) uint8/float tensor or array, one image, a PIL image or a list of
-        them (resized to the VAE's input size). Audio: waveforms (L,), (B, L) or a list, with ``sample_rate``.
+        Images: a (B, C, H, W) or (B, H, W, C) uint8/float tensor or array, one image, a PIL image or a
+        list of them (resized to the VAE's input size). Audio: waveforms (L,), (B, L) or a list, with
+        ``sample_rate``.
         """
         x = self.preprocess(inputs, sample_rate)
         out = []

@@ -55,19 +55,29 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, name: str) -> None:
 def mse(x: torch.Tensor, y: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
     """Mean squared error per item over all non-batch dims."""
     _check_pair(x, y, "mse")
-    per_item = (x.double() - y.double()).pow(2).flatten(1).mean(1) if x.ndim > 1 else (x.double() - y.double()).pow(2)
+    per_item = (
+        (x.double() - y.double()).pow(2).flatten(1).mean(1)
+        if x.ndim > 1
+        else (x.double() - y.double()).pow(2)
+    )
     return _reduce(per_item.float(), reduction)
 
 
 def mae(x: torch.Tensor, y: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
     """Mean absolute error per item over all non-batch dims."""
     _check_pair(x, y, "mae")
-    per_item = (x.double() - y.double()).abs().flatten(1).mean(1) if x.ndim > 1 else (x.double() - y.double()).abs()
+    per_item = (
+        (x.double() - y.double()).abs().flatten(1).mean(1) if x.ndim > 1 else (x.double() - y.double()).abs()
+    )
     return _reduce(per_item.float(), reduction)
 
 
 def psnr(
-    x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, reduction: Reduction = "mean", eps: float = 1e-12
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data_range: float = 1.0,
+    reduction: Reduction = "mean",
+    eps: float = 1e-12,
 ) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per item: ``10 log10(data_range^2 / MSE)``.
 
@@ -131,7 +141,9 @@ def ssim(
     return _reduce(per_item.float(), reduction)
 
 
-def snr(reference: torch.Tensor, estimate: torch.Tensor, reduction: Reduction = "mean", eps: float = 1e-12) -> torch.Tensor:
+def snr(
+    reference: torch.Tensor, estimate: torch.Tensor, reduction: Reduction = "mean", eps: float = 1e-12
+) -> torch.Tensor:
     """Signal-to-noise ratio in dB per waveform: ``10 log10(sum ref^2 / sum (ref - est)^2)``.
 
     Accepts (L,) or (B, L) (any trailing shape is flattened per item).

@@ -1,15 +1,16 @@
 """Evaluate a trained tokenizer: latent, decoded (image / audio) and codebook metrics, plus a report.
 
-    python -m revq_ray.eval --model runs/quickstart/train --input runs/quickstart/photos/val --output runs/quickstart/eval
+    python -m revq_ray.eval --model runs/quickstart/train --input runs/quickstart/photos/val \\
+        --output runs/quickstart/eval
 
 ``--model`` is an export (``save_pretrained`` dir), a training run directory (``export/best`` is used) or a
 Tokenizer bundle. ``--input`` is latent shards (a directory with ``manifest.json``) or raw media: an image
 folder/file, an IDX file (``*-idx3-ubyte[.gz]``) or an audio folder/file. The VAE comes from ``--vae``, else
-from the bundle, else from the run's saved config, else from the shards' manifest. With latent shards alone the
-originals are unknown, so decoded metrics compare the tokenized decode with the VAE-only decode.
+from the bundle, else from the run's saved config, else from the shards' manifest. With latent shards alone
+the originals are unknown, so decoded metrics compare the tokenized decode with the VAE-only decode.
 
-Writes ``metrics.json``, ``report.md`` and figures (``grid.png``, ``usage.png``, ``curves.png`` when the run has
-a metrics CSV, and for audio ``mel.png`` plus original / VAE-only / tokenized ``.wav`` files).
+Writes ``metrics.json``, ``report.md`` and figures (``grid.png``, ``usage.png``, ``curves.png`` when the run
+has a metrics CSV, and for audio ``mel.png`` plus original / VAE-only / tokenized ``.wav`` files).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def _resolve_vae_spec(
         return vae, "--vae"
     bundle_cfg = model_path / CONFIG_NAME
     if bundle_cfg.is_file():
-        return Tokenizer._absolute_spec(json.loads(bundle_cfg.read_text())["vae"], model_path), "tokenizer bundle"
+        return Tokenizer._absolute_spec(
+            json.loads(bundle_cfg.read_text())["vae"], model_path
+        ), "tokenizer bundle"
     spec = vae_spec_from_run(model_dir)
     if spec:
         return spec, "run config"
@@ -111,14 +114,19 @@ def evaluate(
         except Exception as err:
             if kind != "latents":
                 raise
-            notes.append(f"VAE {spec!r} could not be loaded ({type(err).__name__}: {err}); latent metrics only.")
+            notes.append(
+                f"VAE {spec!r} could not be loaded ({type(err).__name__}: {err}); latent metrics only."
+            )
     if tok is None and kind != "latents":
         raise ValueError(
-            f"--input {input} is raw media, which needs a VAE: pass --vae SPEC (e.g. builtin:<dir>, taesd:<dir>), "
+            f"--input {input} is raw media, which needs a VAE: pass --vae SPEC "
+            "(e.g. builtin:<dir>, taesd:<dir>), "
             "or evaluate a Tokenizer bundle / a run whose config names its VAE"
         )
     if tok is None:
-        notes.append("No VAE available (pass --vae SPEC): decoded-image/audio metrics skipped, latent metrics only.")
+        notes.append(
+            "No VAE available (pass --vae SPEC): decoded-image/audio metrics skipped, latent metrics only."
+        )
     if kind == "idx" or kind == "images":
         data = read_images(input, limit)
     elif kind == "audio":
@@ -158,7 +166,9 @@ def evaluate(
         log(f"[eval] encoded {n} items with the VAE ({time.perf_counter() - t0:.1f}s)")
     z_all = data.latents
     if net.cfg.quantizer.type == "gq" and data.logvars is None:
-        notes.append("GQ without log-variances (deterministic VAE or shards without logvar): posterior-free scoring.")
+        notes.append(
+            "GQ without log-variances (deterministic VAE or shards without logvar): posterior-free scoring."
+        )
 
     # ---------------------------------------------------------------- quantize + rectify
     ids, rec, q_std, r_std, z_std = [], [], [], [], []
@@ -217,7 +227,9 @@ def evaluate(
     }
     train_usage = {}
     try:
-        train_usage = {k: v.tolist() if torch.is_tensor(v) else v for k, v in net.quantizer.usage_stats().items()}
+        train_usage = {
+            k: v.tolist() if torch.is_tensor(v) else v for k, v in net.quantizer.usage_stats().items()
+        }
     except Exception as err:  # pragma: no cover - informative only
         notes.append(f"quantizer.usage_stats() failed: {err}")
     if train_usage:
@@ -246,7 +258,9 @@ def evaluate(
             info["bits_per_pixel"] = bits / (h * w)
             summary["bits_per_pixel"] = info["bits_per_pixel"]
         else:
-            _audio_metrics(result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log)
+            _audio_metrics(
+                result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log
+            )
             info["bits_per_second"] = bits / (tok.clip_samples / tok.sample_rate)
             summary["bits_per_second"] = info["bits_per_second"]
     summary["usage_mean"] = result["usage"]["mean_usage"]
@@ -254,7 +268,9 @@ def evaluate(
     summary["entropy_bits_per_token"] = result["usage"]["entropy_bits"]
 
     # ---------------------------------------------------------------- figures + report
-    figures["usage"] = R.save_usage(counts, out_dir / "usage.png", title=f"{info['quantizer']} T={net.tokens} K={net.codebook_size}").name
+    figures["usage"] = R.save_usage(
+        counts, out_dir / "usage.png", title=f"{info['quantizer']} T={net.tokens} K={net.codebook_size}"
+    ).name
     csv_path = R.find_metrics_csv(run_dir)
     if csv_path is not None:
         p = R.save_curves(csv_path, out_dir / "curves.png")
@@ -307,7 +323,9 @@ def _ssim(x: torch.Tensor, y: torch.Tensor) -> float:
     return M.ssim(x.clamp(0, 1), y.clamp(0, 1), window_size=max(win, 1)).item()
 
 
-def _audio_metrics(result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log) -> None:
+def _audio_metrics(
+    result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log
+) -> None:
     from revq_ray.vae.audio import save_wav
 
     aud: dict[str, Any] = {}
@@ -333,8 +351,9 @@ def _audio_metrics(result, summary, figures, notes, out_dir, tok, x_in, x_vae, x
         w_tok = tok.postprocess(mel_tok)
         w_gl = tok.postprocess(mel_in) if mel_in is not None else None
         notes.append(
-            "Waveforms are vocoded from mels with Griffin-Lim (phase is re-estimated), so time-domain SNR is low "
-            "even for a perfect mel; 'vocoder_only' (Griffin-Lim of the original mel) is the ceiling to compare with."
+            "Waveforms are vocoded from mels with Griffin-Lim (phase is re-estimated), so time-domain SNR "
+            "is low even for a perfect mel; 'vocoder_only' (Griffin-Lim of the original mel) is the "
+            "ceiling to compare with."
         )
     else:
         w_vae, w_tok, w_gl = tok.postprocess(x_vae), tok.postprocess(x_tok), None
@@ -357,7 +376,11 @@ def _audio_metrics(result, summary, figures, notes, out_dir, tok, x_in, x_vae, x
         figures[f"vae_only_{i}"] = save_wav(out_dir / f"vae_only_{i}.wav", w_vae[i], sr).name
         figures[f"tokenized_{i}"] = save_wav(out_dir / f"tokenized_{i}.wav", w_tok[i], sr).name
     if tok.input_kind == "mel":
-        rows = [("original", mel_in[0] if mel_in is not None else None), ("VAE only", mel_vae[0]), ("tokenized", mel_tok[0])]
+        rows = [
+            ("original", mel_in[0] if mel_in is not None else None),
+            ("VAE only", mel_vae[0]),
+            ("tokenized", mel_tok[0]),
+        ]
         figures["mel"] = R.save_mels(rows, out_dir / "mel.png").name
 
 
@@ -385,12 +408,26 @@ def _stoi(ref_bl: torch.Tensor, est_bl: torch.Tensor, sr: int) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="revq-ray eval",
-        description="Evaluate a trained tokenizer: latent/decoded/codebook metrics, metrics.json and a report.",
+        description="Evaluate a trained tokenizer: latent/decoded/codebook metrics, metrics.json and a "
+        "report.",
     )
-    p.add_argument("--model", required=True, help="export dir (save_pretrained), run dir (uses export/best) or Tokenizer bundle")
-    p.add_argument("--input", required=True, help="latent shards (dir with manifest.json), image folder/file, IDX file or audio folder/file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="export dir (save_pretrained), run dir (uses export/best) or Tokenizer bundle",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="latent shards (dir with manifest.json), image folder/file, IDX file or audio folder/file",
+    )
     p.add_argument("--output", required=True, help="directory for metrics.json, report.md and figures")
-    p.add_argument("--vae", default=None, help="VAE spec (diffusers:<dir|id>, taesd:<dir>, builtin:<dir>); default: from the bundle/run/manifest")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="VAE spec (diffusers:<dir|id>, taesd:<dir>, builtin:<dir>); "
+        "default: from the bundle/run/manifest",
+    )
     p.add_argument("--limit", type=int, default=512, help="evaluate at most N items (0 = all; default 512)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")

@@ -41,7 +41,7 @@ def _is_idx(path: Path) -> bool:
 
 
 def detect_kind(path: str | os.PathLike) -> str:
-    """"latents", "idx", "images" or "audio" for an input path; raises naming what was expected."""
+    """ "latents", "idx", "images" or "audio" for an input path; raises naming what was expected."""
     from revq_ray.vae.audio import AUDIO_EXTENSIONS
     from revq_ray.vae.images import IMAGE_EXTENSIONS
 
@@ -125,7 +125,13 @@ def read_latents(shards: str | os.PathLike, limit: int | None = None) -> EvalInp
     if manifest.has_logvar and all(k in logvars for k in order):
         lv = torch.from_numpy(np.stack([logvars[k] for k in order]).astype(np.float32))
     return EvalInput(
-        kind="latents", source=str(shards), latents=z, logvars=lv, names=order, skipped=skipped, vae_spec=manifest.vae
+        kind="latents",
+        source=str(shards),
+        latents=z,
+        logvars=lv,
+        names=order,
+        skipped=skipped,
+        vae_spec=manifest.vae,
     )
 
 
@@ -136,7 +142,9 @@ def read_images(path: str | os.PathLike, limit: int | None = None) -> EvalInput:
     p = Path(path)
     if _is_idx(p):
         arr = read_idx_images(p, limit=limit)
-        return EvalInput(kind="images", source=str(p), images=list(arr), names=[f"{p.name}[{i}]" for i in range(len(arr))])
+        return EvalInput(
+            kind="images", source=str(p), images=list(arr), names=[f"{p.name}[{i}]" for i in range(len(arr))]
+        )
     from PIL import Image
 
     images, names, skipped = [], [], []
@@ -176,5 +184,10 @@ def read_audio(path: str | os.PathLike, sample_rate: int, limit: int | None = No
     if not waves:
         raise ValueError(f"{p}: no readable audio ({len(skipped)} unreadable)")
     return EvalInput(
-        kind="audio", source=str(p), waves=waves, sample_rates=[sample_rate] * len(waves), names=names, skipped=skipped
+        kind="audio",
+        source=str(p),
+        waves=waves,
+        sample_rates=[sample_rate] * len(waves),
+        names=names,
+        skipped=skipped,
     )

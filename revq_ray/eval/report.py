@@ -25,10 +25,18 @@ def _plt():
 def save_grid(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path, max_cols: int = 8) -> Path:
     """One row per (label, images (B, 3, H, W) in [0, 1]); the same items in every column."""
     plt = _plt()
-    rows = [(label, imgs[:max_cols].detach().float().cpu().clamp(0, 1)) for label, imgs in rows if imgs is not None]
+    rows = [
+        (label, imgs[:max_cols].detach().float().cpu().clamp(0, 1))
+        for label, imgs in rows
+        if imgs is not None
+    ]
     n_cols = min(len(imgs) for _, imgs in rows)
     fig, axes = plt.subplots(
-        len(rows), n_cols, figsize=(1.6 * n_cols + 1.2, 1.7 * len(rows)), squeeze=False, constrained_layout=True
+        len(rows),
+        n_cols,
+        figsize=(1.6 * n_cols + 1.2, 1.7 * len(rows)),
+        squeeze=False,
+        constrained_layout=True,
     )
     for r, (label, imgs) in enumerate(rows):
         for c in range(n_cols):
@@ -60,7 +68,14 @@ def save_usage(counts_tk: torch.Tensor, path: str | Path, title: str = "") -> Pa
     fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 3.6), constrained_layout=True)
     groups = np.arange(t)
     a0.bar(groups, usage * 100, width=1.0, color="tab:blue", alpha=0.6, label="usage (% codes hit)")
-    a0.plot(groups, ppl * 100, color="tab:red", lw=1.2, marker="." if t <= 64 else None, label="perplexity / K (%)")
+    a0.plot(
+        groups,
+        ppl * 100,
+        color="tab:red",
+        lw=1.2,
+        marker="." if t <= 64 else None,
+        label="perplexity / K (%)",
+    )
     a0.set_xlabel("group (token position)")
     a0.set_ylabel("%")
     a0.set_ylim(0, 105)
@@ -121,7 +136,8 @@ def read_csv_columns(path: str | Path) -> dict[str, list[float]]:
     return {k: v for k, v in cols.items() if any(not math.isnan(x) for x in v)}
 
 
-# Panels of the trainer's metrics.csv (revq_ray.train.logs.COLUMNS); unknown numeric columns get their own panel.
+# Panels of the trainer's metrics.csv (revq_ray.train.logs.COLUMNS); unknown numeric columns get their own
+# panel.
 CURVE_PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("training loss", ("loss", "loss_quant", "loss_rect")),
     ("validation latent MSE (std units)", ("val_mse", "val_mse_norect")),
@@ -130,8 +146,21 @@ CURVE_PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("dead codes / codes reset", ("dead_codes", "reset_codes")),
     ("learning rate", ("lr", "lr_rectifier")),
 ]
-_CURVE_SKIP = {"step", "epoch", "time_s", "time", "timestamp", "samples_per_s", "rank", "worker", "global_step",
-               "training_iteration", "iter", "grad_norm_codebook", "grad_norm_rectifier"}  # fmt: skip
+_CURVE_SKIP = {
+    "step",
+    "epoch",
+    "time_s",
+    "time",
+    "timestamp",
+    "samples_per_s",
+    "rank",
+    "worker",
+    "global_step",
+    "training_iteration",
+    "iter",
+    "grad_norm_codebook",
+    "grad_norm_rectifier",
+}
 
 
 def save_curves(csv_path: str | Path, path: str | Path, max_panels: int = 8) -> Path | None:
@@ -151,7 +180,9 @@ def save_curves(csv_path: str | Path, path: str | Path, max_panels: int = 8) -> 
     n = len(panels)
     n_cols = min(3, n)
     n_rows = math.ceil(n / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 2.8 * n_rows), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(4.2 * n_cols, 2.8 * n_rows), squeeze=False, constrained_layout=True
+    )
     steps = np.asarray(cols[step_key])
     for i, (title, keys) in enumerate(panels):
         ax = axes[i // n_cols][i % n_cols]
@@ -183,7 +214,9 @@ def save_mels(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path) -> Pat
     """Mel spectrograms (n_mels, frames) side by side: original, VAE-only, tokenized."""
     plt = _plt()
     rows = [(label, m) for label, m in rows if m is not None]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.2 * len(rows)), squeeze=False, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(9, 2.2 * len(rows)), squeeze=False, constrained_layout=True
+    )
     vmin = min(float(m.min()) for _, m in rows)
     vmax = max(float(m.max()) for _, m in rows)
     for ax, (label, m) in zip(axes[:, 0], rows):
@@ -205,12 +238,24 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def write_report(out_dir: str | Path, metrics: dict[str, Any], figures: dict[str, str], notes: Sequence[str]) -> Path:
+def write_report(
+    out_dir: str | Path, metrics: dict[str, Any], figures: dict[str, str], notes: Sequence[str]
+) -> Path:
     """``report.md`` linking the figures, with the headline metrics as a table."""
     out_dir = Path(out_dir)
     lines = ["# revq-ray evaluation report", ""]
     info = metrics.get("info", {})
-    for key in ("model", "vae", "input", "items", "modality", "quantizer", "tokens", "codebook_size", "bits_per_sample"):
+    for key in (
+        "model",
+        "vae",
+        "input",
+        "items",
+        "modality",
+        "quantizer",
+        "tokens",
+        "codebook_size",
+        "bits_per_sample",
+    ):
         if key in info:
             lines.append(f"- **{key}**: `{info[key]}`")
     lines.append("")
@@ -220,7 +265,8 @@ def write_report(out_dir: str | Path, metrics: dict[str, Any], figures: dict[str
         lines += [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
         lines.append("")
     captions = {
-        "grid": "Rows: originals (when the input is media), VAE-only reconstructions, tokenized reconstructions.",
+        "grid": "Rows: originals (when the input is media), VAE-only reconstructions, tokenized "
+        "reconstructions.",
         "usage": "Per-group codebook usage on the evaluation set and the distribution of hits per code.",
         "curves": "Training curves from the run directory's metrics CSV.",
         "mel": "Mel spectrograms: original, VAE-only, tokenized.",

@@ -111,13 +111,19 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
 
 
 def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` into ``out_dir`` atomically (write beside it, then swap), so a reader never sees a
-    half-written export. The module is a live training module: its parameters are full fp32 at ZeRO 0-2."""
+    """``save_pretrained`` of a ReVQModel into ``out_dir`` atomically (write beside it, then swap), so a reader
+    never sees a half-written export. ``module`` is the live training module: its parameters are full fp32 at
+    ZeRO 0-2."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # ZeRO 1/2 turn the module's parameters into views of one flat buffer, which safetensors (rightly) refuses
+    # to save as is: export a fresh CPU copy of the model that owns its tensors.
+    state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    copy_ = type(module)(list(module.latent_shape), module.cfg.model_dump(mode="json"))
+    copy_.load_state_dict(state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        module.save_pretrained(str(tmp))
+        copy_.save_pretrained(str(tmp))
         old = out.with_name(f".{out.name}.old")
         if old.exists():
             shutil.rmtree(old)

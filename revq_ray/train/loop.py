@@ -380,6 +380,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             marker = run_dir / FAIL_MARKER
             if not marker.exists():
                 marker.write_text(f"failed once at step {state.step}\n")
+                # Give the controller time to register the reports made so far (it drains them every health
+                # check), so the restart point is the last checkpoint reported, not a race.
+                time.sleep(2 * _REPORT_INTERVAL_S + 1)
                 _log(f"train.fail_at_step={tc.fail_at_step}: rank 0 exits now (test hook; happens once per run dir)")
                 os._exit(17)
 
@@ -390,7 +393,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         out = run_dir / "ranks"
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if k != "quantizer.counts"}
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items() if k != "quantizer.counts"}
         safetensors.torch.save_file(sd, str(out / f"rank{rank}.safetensors"))
     if logger is not None:
         logger.close()

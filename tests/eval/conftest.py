@@ -15,7 +15,9 @@ def photo_crops(n: int, size: int, seed: int = 0) -> np.ndarray:
     from skimage import data
 
     rng = np.random.default_rng(seed)
-    photos = [Image.fromarray(getattr(data, name)()).resize((96, 96)) for name in ("astronaut", "coffee", "chelsea")]
+    photos = [
+        Image.fromarray(getattr(data, name)()).resize((96, 96)) for name in ("astronaut", "coffee", "chelsea")
+    ]
     out = []
     for i in range(n):
         a = np.asarray(photos[i % len(photos)])
@@ -73,7 +75,8 @@ def run_dir_from(tmp_path):
         shutil.copytree(model_dir, run / "export" / "best")
         lines = ["step,loss,loss_quant,rect,val_rect,usage,lr"]
         for s in range(0, 101, 10):
-            lines.append(f"{s},{1 / (1 + s):.4f},{0.5 / (1 + s):.4f},{0.5 / (1 + s):.4f},,{min(1, 0.5 + s / 200):.3f},1e-3")
+            loss, usage = 1 / (1 + s), min(1, 0.5 + s / 200)
+            lines.append(f"{s},{loss:.4f},{loss / 2:.4f},{loss / 2:.4f},,{usage:.3f},1e-3")
             if s % 50 == 0:
                 lines.append(f"{s},,,,{0.6 / (1 + s):.4f},,")
         (run / "metrics.csv").write_text("\n".join(lines) + "\n")

@@ -23,12 +23,21 @@ def test_row_configs_are_what_they_claim(tmp_path):
     from revq_ray.config import parse_config
 
     cfgs = {
-        r: parse_config(C.row_config(C.DEFAULT_BASE, r, shards="s", val_shards="", tokens=8, k=16, steps=5, output=tmp_path))
+        r: parse_config(
+            C.row_config(
+                C.DEFAULT_BASE, r, shards="s", val_shards="", tokens=8, k=16, steps=5, output=tmp_path
+            )
+        )
         for r in C.ROWS
     }
     assert {r: c.model.quantizer.type for r, c in cfgs.items()} == {
-        "revq": "revq", "simvq": "simvq", "gq": "gq", "vq": "vq", "revq_no_reset": "revq", "revq_no_rectifier": "revq",
-    }  # fmt: skip
+        "revq": "revq",
+        "simvq": "simvq",
+        "gq": "gq",
+        "vq": "vq",
+        "revq_no_reset": "revq",
+        "revq_no_rectifier": "revq",
+    }
     assert not cfgs["vq"].model.quantizer.reset.enabled and cfgs["vq"].model.rectifier.type == "identity"
     assert not cfgs["revq_no_reset"].model.quantizer.reset.enabled
     assert cfgs["revq_no_rectifier"].model.rectifier.type == "identity"
@@ -54,9 +63,25 @@ def test_miniature_compare_all_rows(tmp_path, ray_local, capsys):
     write_synthetic_shards(shards, 192, [4, 4, 4], with_logvar=True, shard_size=96)
     out = tmp_path / "cmp"
     rc = C.main(
-        ["--shards", str(shards), "--bits", "64", "--tokens", "16", "--steps", "3", "--output", str(out),
-         "--set", "train.batch_size=16", "--set", "model.rectifier.width=16", "--set", "train.log_every=1"]
-    )  # fmt: skip
+        [
+            "--shards",
+            str(shards),
+            "--bits",
+            "64",
+            "--tokens",
+            "16",
+            "--steps",
+            "3",
+            "--output",
+            str(out),
+            "--set",
+            "train.batch_size=16",
+            "--set",
+            "model.rectifier.width=16",
+            "--set",
+            "train.log_every=1",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     with open(out / "compare.csv") as f:

@@ -79,7 +79,18 @@ def test_eval_latent_shards(tiny_assets, tmp_path):
         w.write_batch([f"{i:04d}" for i in range(len(z))], z)
     w.manifest(vae=tiny_assets["vae_spec"], modality="image").save(shards)
     out = tmp_path / "eval"
-    rc = main(["--model", str(tiny_assets["model_dir"]), "--input", str(shards), "--output", str(out), "--limit", "40"])
+    rc = main(
+        [
+            "--model",
+            str(tiny_assets["model_dir"]),
+            "--input",
+            str(shards),
+            "--output",
+            str(out),
+            "--limit",
+            "40",
+        ]
+    )
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["info"]["items"] == 40 and m["info"]["input_kind"] == "latents"
@@ -91,7 +102,9 @@ def test_eval_latent_shards(tiny_assets, tmp_path):
 def test_eval_bad_input_errors_clearly(tiny_assets, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    rc = main(["--model", str(tiny_assets["model_dir"]), "--input", str(empty), "--output", str(tmp_path / "o")])
+    rc = main(
+        ["--model", str(tiny_assets["model_dir"]), "--input", str(empty), "--output", str(tmp_path / "o")]
+    )
     assert rc == 2 and "expected a latent-shard directory" in capsys.readouterr().err
     rc = main(["--model", str(tmp_path), "--input", str(empty), "--output", str(tmp_path / "o")])
     assert rc == 2 and "holds no trained model" in capsys.readouterr().err

@@ -44,7 +44,13 @@ def test_ssim_matches_skimage():
     for noise in (0.02, 0.1, 0.3):
         a, b = _photo_pair(noise=noise)
         ref = structural_similarity(
-            a, b, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            a,
+            b,
+            data_range=1.0,
+            channel_axis=-1,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
         )
         ours = metrics.ssim(_to_bchw(a), _to_bchw(b)).item()
         assert ours == pytest.approx(ref, abs=1e-3)
@@ -53,9 +59,9 @@ def test_ssim_matches_skimage():
     ref = structural_similarity(
         a[..., 0], b[..., 0], data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
     )
-    assert metrics.ssim(torch.from_numpy(a[None, ..., 0]), torch.from_numpy(b[None, ..., 0])).item() == pytest.approx(
-        ref, abs=1e-3
-    )
+    assert metrics.ssim(
+        torch.from_numpy(a[None, ..., 0]), torch.from_numpy(b[None, ..., 0])
+    ).item() == pytest.approx(ref, abs=1e-3)
 
 
 def test_ssim_identity_and_batch():

@@ -71,7 +71,8 @@ def test_identity_rectifier_decode_encode_is_exact(tiny_assets, tmp_path):
     from revq_ray.core.model import ReVQModel
 
     model = ReVQModel(
-        [4, 2, 2], {"quantizer": {"type": "vq", "tokens": 4, "codebook_size": 16}, "rectifier": {"type": "identity"}}
+        [4, 2, 2],
+        {"quantizer": {"type": "vq", "tokens": 4, "codebook_size": 16}, "rectifier": {"type": "identity"}},
     )
     model.standardizer.fit([tiny_assets["latents"]])
     model.init_codebook(tiny_assets["latents"], generator=torch.Generator().manual_seed(1))

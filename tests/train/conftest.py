@@ -75,6 +75,7 @@ def make_cfg(shards: Path, out: Path, name: str, **overrides: Any):
         "train.log_every": 1,
         "train.synthetic_items": 0,
         "train.cpus_per_worker": 0.5,
+        "train.max_failures": 0,  # a bug should fail the test, not retry it
     }
     base.update(overrides)
     return load_config(ROOT / "configs" / "debug.yaml", [f"{k}={v}" for k, v in base.items()])

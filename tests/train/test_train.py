@@ -37,11 +37,10 @@ def test_training_reduces_loss_and_ranks_agree(ray_local, latent_shards, tmp_pat
             "train.num_workers": workers,
             "train.zero_stage": zero,
             "train.epochs": 3,
+            "train.lr": 0.05,  # a short run: a larger step than the presets' so the trend beats batch noise
             "train.export_all_ranks": True,
-            # Resets every 3 steps with a high dead threshold, so several resets happen in a short run.
-            "model.quantizer.reset.unit": "steps",
-            "model.quantizer.reset.interval": 3,
-            "model.quantizer.reset.dead_threshold": 3,
+            # A reset after each epoch; codes with fewer than 2 hits count as dead, so resets do happen.
+            "model.quantizer.reset.dead_threshold": 2,
         },
     )
     result = _run(cfg)
@@ -50,10 +49,10 @@ def test_training_reduces_loss_and_ranks_agree(ray_local, latent_shards, tmp_pat
     assert m["run_dir"] == str(run_dir) and math.isfinite(m["val_mse"])
     rows = read_metrics(run_dir)
     steps = [int(r["step"]) for r in rows]
-    spe = (320 - 48) // 32  # about: the hash hold-out is not exact
-    assert steps == list(range(1, len(steps) + 1)) and abs(len(steps) - 3 * spe) <= 3
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) % 3 == 0 and len(steps) >= 18
     losses = [float(r["loss"]) for r in rows]
-    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    spe = len(losses) // 3
+    first, last = sum(losses[:spe]) / spe, sum(losses[-spe:]) / spe  # mean over the first and last epoch
     assert last < 0.9 * first, losses
     assert sum(int(r["reset_codes"]) for r in rows) > 0, "no reset happened: the test would not test resets"
     # validation ran every epoch; the rectifier helps

@@ -9,7 +9,11 @@ Losses (METHODS.md section 1):
   gradient reaches only the codebook through the gather. The quantized output is ``q`` itself (no
   straight-through); the model feeds ``q.detach()`` to the rectifier.
 * ``loss="joint"``: the output is straight-through (value ``q``, gradient to ``z``) and
-  ``{"commit": beta * MSE(z, sg(q)) + MSE(q, sg(z))}``.
+  ``{"commit": beta * MSE(z, sg(q)) + MSE(q, sg(z))}``. With revq-ray's frozen latents ``z`` has no
+  gradient, so the codebook learns from the second term only (as in the decoupled form) and the output is
+  just ``sg(q)``; the paper's joint objective (the rectifier's loss reaching the codebook through ``q``) is
+  obtained instead by feeding the decoupled output ``q``, which carries the codebook gradient, to the
+  rectifier without detaching it.
 
 Resets are deterministic given a ``torch.Generator`` and the global counts, so every data-parallel rank
 that passes an identically seeded generator produces a bit-identical codebook.

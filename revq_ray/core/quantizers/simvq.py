@@ -78,7 +78,8 @@ class SimVQ(CountsMixin, Quantizer):
         lead = c_xgd.shape[:-2]
         c = c_xgd.reshape(-1, self.tokens, self.dim).transpose(0, 1)
         q = torch.baddbmm(self.bias[:, None, :], c, self.weight.transpose(1, 2))
-        return q.transpose(0, 1).reshape(*lead, self.tokens, self.dim)
+        # contiguous: callers reshape the tokens back into latents.
+        return q.transpose(0, 1).reshape(*lead, self.tokens, self.dim).contiguous()
 
     def effective_codebook(self) -> torch.Tensor:
         """Q = C W^T + b, (G, K, d), with autograd (use under no_grad when only searching)."""
