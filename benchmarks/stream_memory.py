@@ -1,10 +1,11 @@
 """Peak memory of a training-style streamed read of latent shards: N items against 10N items.
 
 Writes synthetic shards (latent 32x8x8 float32 = 8 KiB each), then iterates them the way a training worker
-does (``latent_dataset(keys=False).iter_torch_batches(batch_size, local_shuffle_buffer_size)``) and samples,
-every 20 ms, the RSS of the driver and the summed RSS of the Ray worker processes it started. Streaming
-means both stay flat when the dataset grows 10x; loading the set would grow them by the data size.
-Each size runs in a fresh subprocess with a fresh local Ray, so peaks are its own.
+does (``latent_dataset(keys=False).iter_torch_batches(batch_size, local_shuffle_buffer_size)``) and
+samples, every 0.1 s, the RSS of the driver (and, every second, its private USS: RSS also counts the
+shared-memory object-store pages the driver maps, bounded by the store size), and the summed RSS of the
+Ray workers. Streaming means both stay flat when the dataset grows 10x; loading the set would grow them
+by the data size. Each size runs in a fresh subprocess with a fresh local Ray, so peaks are its own.
 
     python benchmarks/stream_memory.py               # N = 4000 (31 MiB) vs 10N (313 MiB)
     python benchmarks/stream_memory.py --n 1000
@@ -15,6 +16,7 @@ Prints a table and writes ``benchmarks/results/stream_memory.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -36,39 +38,60 @@ def _child(shards: str, batch_size: int, buffer: int) -> None:
 
     sys.path.insert(0, str(ROOT))
     from revq_ray.data.reader import latent_dataset
+    from revq_ray.data.shards import read_manifest
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 * MIB)
     ray.data.DataContext.get_current().enable_progress_bars = False
     me = psutil.Process()
     base_driver = me.memory_info().rss
-    peaks = {"driver": 0, "workers": 0}
+    base_uss = me.memory_full_info().uss
+    peaks = {"driver": 0, "driver_uss": 0, "workers": 0}
     stop = threading.Event()
+    workers: list[psutil.Process] = []
+
+    def refresh_workers() -> None:
+        workers.clear()
+        for p in me.children(recursive=True):
+            try:
+                if "default_worker" in " ".join(p.cmdline()):
+                    workers.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
 
     def workers_rss() -> int:
         total = 0
-        for p in me.children(recursive=True):
-            try:
-                if "ray::" in " ".join(p.cmdline()[:1]) or "default_worker" in " ".join(p.cmdline()):
-                    total += p.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                total += p.memory_info().rss
         return total
 
+    refresh_workers()
     base_workers = workers_rss()
 
     def sample() -> None:
+        # Light sampling (0.1 s; worker list refreshed every second) so the sampler does not slow the read.
+        i = 0
         while not stop.is_set():
+            if i % 10 == 0:
+                refresh_workers()
+                peaks["driver_uss"] = max(peaks["driver_uss"], me.memory_full_info().uss)
             peaks["driver"] = max(peaks["driver"], me.memory_info().rss)
             peaks["workers"] = max(peaks["workers"], workers_rss())
-            time.sleep(0.02)
+            i += 1
+            time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.perf_counter()
     seen = 0
     ds = latent_dataset(shards, keys=False, seed=0)
+    total = read_manifest(shards).count
+    trace, next_mark = [], 0  # driver USS at every 10% of the items: flat means no growth with data read
     for batch in ds.iter_torch_batches(batch_size=batch_size, local_shuffle_buffer_size=buffer):
         seen += len(batch["latent"])
+        if seen >= next_mark:
+            trace.append([seen, me.memory_full_info().uss / MIB])
+            next_mark += total // 10
     secs = time.perf_counter() - t0
     stop.set()
     th.join()
@@ -79,8 +102,11 @@ def _child(shards: str, batch_size: int, buffer: int) -> None:
                 "seconds": secs,
                 "driver_base_mib": base_driver / MIB,
                 "driver_peak_mib": peaks["driver"] / MIB,
+                "driver_uss_base_mib": base_uss / MIB,
+                "driver_uss_peak_mib": peaks["driver_uss"] / MIB,
                 "workers_base_mib": base_workers / MIB,
                 "workers_peak_mib": peaks["workers"] / MIB,
+                "driver_uss_trace_mib": trace,
             }
         )
     )
@@ -128,13 +154,14 @@ def main() -> None:
         f"local shuffle buffer {args.shuffle_buffer}"
     )
     print(
-        f"{'items':>7} {'data MiB':>9} {'driver peak MiB':>16} {'(+ over start)':>15} "
-        f"{'Ray workers peak MiB':>21} {'items/s':>8}"
+        f"{'items':>7} {'data MiB':>9} {'driver RSS peak':>16} {'(+ over start)':>15} "
+        f"{'driver private (USS) +':>23} {'Ray workers RSS peak':>21} {'items/s':>8}"
     )
     for r in rows:
         print(
             f"{r['n']:>7} {r['data_mib']:>9.0f} {r['driver_peak_mib']:>16.0f} "
-            f"{r['driver_peak_mib'] - r['driver_base_mib']:>15.0f} {r['workers_peak_mib']:>21.0f} "
+            f"{r['driver_peak_mib'] - r['driver_base_mib']:>15.0f} "
+            f"{r['driver_uss_peak_mib'] - r['driver_uss_base_mib']:>23.0f} {r['workers_peak_mib']:>21.0f} "
             f"{r['items'] / r['seconds']:>8.0f}"
         )
     small, big = rows
@@ -142,6 +169,8 @@ def main() -> None:
         small["driver_peak_mib"] + small["workers_peak_mib"]
     )
     print(f"10x the data -> {ratio:.2f}x the peak memory (driver + workers)")
+    trace = ", ".join(f"{int(n)}: {m:.0f}" for n, m in big["driver_uss_trace_mib"])
+    print(f"driver USS (MiB) while reading {big['n']} items, every 10%: {trace}")
     out = ROOT / "benchmarks/results/stream_memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -8,7 +8,7 @@ Bits per sample ``B = T * log2(K)``: with ``--tokens T`` (default: the base conf
 size) the codebook size is ``K = 2 ** (B / T)`` (rounded to an integer; the table reports the exact bits).
 
 Writes ``<output>/compare.csv``, ``compare.md`` (also printed), ``compare.json`` and ``compare.png``; the runs
-live in ``<output>/runs/<row>`` (re-running resumes finished runs instantly).
+live in ``<output>/runs/<row>-T<tokens>-K<codes>-s<steps>`` (re-running the same command resumes them).
 """
 
 from __future__ import annotations
@@ -126,6 +126,10 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def run_name(row: str, tokens: int, k: int, steps: int) -> str:
+    return f"{row}-T{tokens}-K{k}-s{steps}"
+
+
 def row_config(
     base: dict[str, Any],
     row: str,
@@ -139,7 +143,9 @@ def row_config(
 ) -> dict[str, Any]:
     """The full config dict of one comparison row (validated by the caller)."""
     cfg = copy.deepcopy(base)
-    cfg["name"] = row
+    # The settings are in the run name: Ray Train resumes a run by name, and a re-run with other bits or
+    # steps must start fresh rather than resume a run of another shape.
+    cfg["name"] = run_name(row, tokens, k, steps)
     cfg["output_dir"] = str(output / "runs")
     _set(cfg, "data.shards", shards)
     _set(cfg, "data.val_shards", val_shards)
@@ -234,7 +240,7 @@ def compare(
             tokens=tokens,
             codebook_size=k,
             bits_per_sample=actual_bits,
-            run_dir=str(output / "runs" / name),
+            run_dir=str(output / "runs" / cfg.name),
         )
         if q.type == "gq" and not manifest.has_logvar:
             row.status = "skipped"

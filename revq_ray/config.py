@@ -132,6 +132,20 @@ class TrainConfig(_Section):
     rectifier_weight_decay: float = Field(1e-4, ge=0.0)
     final_lr_fraction: float = Field(0.05, gt=0.0, le=1.0, description="exponential decay to lr * this")
     grad_clip: float = Field(1.0, ge=0.0, description="per-module gradient-norm clip (0 = off)")
+    sparse_codebook_optimizer: bool = Field(
+        False,
+        description="revq/vq: sparse codebook gradients + lazy row-sparse AdamW (core.optim.RowSparseAdamW):"
+        " only rows looked up in a step are updated; rows without gradient keep their moments and do not"
+        " move (dense AdamW decays and moves them). ZeRO stage 0 only",
+    )
+    fused_optimizer: bool = Field(
+        False,
+        description="torch's fused AdamW kernel (CPU and CUDA): same results to rounding, far fewer passes",
+    )
+    channels_last: bool = Field(
+        False,
+        description="rectifier convs in channels_last layout (faster on CPU; same results to rounding)",
+    )
     log_every: int = Field(50, ge=1, description="steps between metric reports")
     val_every: int = Field(0, ge=0, description="steps between validation passes; 0 = once per epoch")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per epoch")

@@ -63,7 +63,7 @@ class Sizes:
     image_size: int = 64  # VAE input size (crops are resized when different)
     vae_width: int = 16
     vae_latent_channels: int = 8
-    vae_steps: int = 600
+    vae_steps: int = 1000
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-4
@@ -148,6 +148,21 @@ def write_photo_crops(out_dir: Path, photos: Sequence[str], n: int, crop: int, s
     return n
 
 
+DOWNSTREAM = {
+    "photos": ("vae", "latents", "train", "eval", "tokenizer"),
+    "vae": ("latents", "train", "eval", "tokenizer"),
+}
+
+
+def _invalidate(out: Path, stage: str) -> None:
+    """A stage was (re)computed: whatever was built from its old output is stale (the encode resume check
+    knows the VAE by its spec, not its weights, and a training run resumes by name), so remove it."""
+    for name in DOWNSTREAM[stage]:
+        if (out / name).exists():
+            _log(f"removing {out / name} (built from the previous {stage})")
+            shutil.rmtree(out / name)
+
+
 def _stage_photos(out: Path, sz: Sizes) -> tuple[Path, Path]:
     root = out / "photos"
     marker = root / "photos.json"
@@ -164,6 +179,7 @@ def _stage_photos(out: Path, sz: Sizes) -> tuple[Path, Path]:
         return root / "train", root / "val"
     if root.exists():
         shutil.rmtree(root)
+    _invalidate(out, "photos")
     t0 = time.perf_counter()
     n_tr = write_photo_crops(root / "train", TRAIN_PHOTOS, sz.train_crops, sz.crop, seed=0)
     n_va = write_photo_crops(root / "val", VAL_PHOTOS, sz.val_crops, sz.crop, seed=1)
@@ -176,8 +192,24 @@ def _stage_photos(out: Path, sz: Sizes) -> tuple[Path, Path]:
     return root / "train", root / "val"
 
 
+def _same_vae_config(saved: Path, cfg: Any) -> bool:
+    """Whether the VAE in ``saved``'s directory was trained with ``cfg`` (thread count aside: it changes
+    with the machine's load, not the model)."""
+    import yaml
+
+    if not saved.is_file():
+        return False
+    try:
+        old = yaml.safe_load(saved.read_text()) or {}
+    except yaml.YAMLError:
+        return False
+    new = cfg.model_dump(mode="json")
+    for d in (old, new):
+        d.pop("torch_threads", None)
+    return old == new
+
+
 def _stage_vae(out: Path, train_dir: Path, sz: Sizes, threads: int) -> str:
-    from revq_ray.config import dump_config
     from revq_ray.vae.train import VAETrainConfig, train_vae
 
     vae_dir = out / "vae"
@@ -199,8 +231,7 @@ def _stage_vae(out: Path, train_dir: Path, sz: Sizes, threads: int) -> str:
         torch_threads=threads,
         seed=0,
     )
-    saved = vae_dir / "train_config.yaml"
-    if (vae_dir / "revq_vae.json").is_file() and saved.is_file() and saved.read_text() == dump_config(cfg):
+    if (vae_dir / "revq_vae.json").is_file() and _same_vae_config(vae_dir / "train_config.yaml", cfg):
         _log(f"[2/5] vae: reusing the trained VAE in {vae_dir}")
     else:
         _log(
@@ -208,6 +239,7 @@ def _stage_vae(out: Path, train_dir: Path, sz: Sizes, threads: int) -> str:
             f"({sz.vae_latent_channels}, {sz.image_size // 8}, {sz.image_size // 8})) "
             f"for {sz.vae_steps} steps"
         )
+        _invalidate(out, "vae")
         train_vae(cfg)
     return f"builtin:{vae_dir}"
 
@@ -338,6 +370,18 @@ def _prepare_env() -> None:
     )
 
 
+def default_threads() -> int:
+    """Torch threads for the in-process stages: the cores (at most 4), but 1 on a machine that is already
+    busy (load average >= cores), where OpenMP threads stall at every barrier waiting for a descheduled
+    sibling and one thread is several times faster than two."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:  # pragma: no cover - no load average on this platform
+        busy = False
+    return 1 if busy else max(1, min(cores, 4))
+
+
 def run_quickstart(
     output: str | Path = "runs/quickstart",
     fast: bool = False,
@@ -353,7 +397,7 @@ def run_quickstart(
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    threads = threads or max(1, min(os.cpu_count() or 1, 4))
+    threads = threads or default_threads()
     torch.set_num_threads(threads)
     t_all = time.perf_counter()
     times: dict[str, float] = {}

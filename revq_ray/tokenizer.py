@@ -70,22 +70,38 @@ def run_dir_of(model_dir: Path) -> Path | None:
 
 
 def vae_spec_from_run(model_dir: str | os.PathLike) -> str | None:
-    """The ``vae`` spec recorded by training next to an export (the run's saved config), or None."""
+    """The VAE spec of the run an export belongs to, or None.
+
+    The run's saved config (``config.json`` written by ``revq_ray.train``) names it in ``vae``; when that is
+    empty, the manifest of the run's training shards records the VAE the latents were encoded with.
+    """
     run_dir = run_dir_of(Path(model_dir))
     if run_dir is None:
         return None
     import yaml
 
-    for name in ("config.yaml", "run_config.yaml", "config.json"):
+    for name in ("config.json", "config.yaml"):
         f = run_dir / name
-        if f.is_file():
+        if not f.is_file():
+            continue
+        try:
+            data = yaml.safe_load(f.read_text()) or {}  # JSON is YAML
+        except Exception:
+            continue
+        if not isinstance(data, dict):
+            continue
+        if data.get("vae"):
+            return str(data["vae"])
+        shards = (data.get("data") or {}).get("shards")
+        if shards:
             try:
-                data = yaml.safe_load(f.read_text()) or {}
+                from revq_ray.data.shards import read_manifest
+
+                spec = read_manifest(shards).vae
             except Exception:
                 continue
-            spec = data.get("vae") if isinstance(data, dict) else None
-            if spec:
-                return str(spec)
+            if spec and spec != "synthetic":
+                return spec
     return None
 
 
@@ -358,9 +374,9 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------------- API
     @torch.no_grad()
-    def encode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latents (B, *latent_shape) -> ids (B, T)."""
-        return self.model.encode(latents.to(self.device))
+    def encode_latents(self, latents: torch.Tensor, logvar: torch.Tensor | None = None) -> torch.Tensor:
+        """Raw VAE latents (B, *latent_shape) -> ids (B, T); ``logvar`` is used by GQ only."""
+        return self.model.encode(latents.to(self.device), None if logvar is None else logvar.to(self.device))
 
     @torch.no_grad()
     def decode_latents(self, ids_bt: torch.Tensor) -> torch.Tensor:
@@ -376,10 +392,18 @@ class Tokenizer:
         ``sample_rate``.
         """
         x = self.preprocess(inputs, sample_rate)
+        # GQ scores codes against the posterior N(mu, sigma^2): give it the log-variance when the VAE has one.
+        use_posterior = self.model.cfg.quantizer.type == "gq" and bool(
+            getattr(self.vae, "is_gaussian", False)
+        )
         out = []
         for i in range(0, x.shape[0], batch_size):
-            z = self.vae.encode(x[i : i + batch_size].to(self.device))
-            out.append(self.encode_latents(z).cpu())
+            xb = x[i : i + batch_size].to(self.device)
+            if use_posterior:
+                post = self.vae.posterior(xb)
+                out.append(self.model.encode(post.mean, post.logvar).cpu())
+            else:
+                out.append(self.encode_latents(self.vae.encode(xb)).cpu())
         return torch.cat(out)
 
     @torch.no_grad()

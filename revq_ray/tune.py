@@ -15,7 +15,8 @@ Special handling:
   preset's ``latent_shape``): every choice is checked before anything runs.
 - ``bits_budget`` (bits per sample) fixes the rate: ``codebook_size = 2**round(bits_budget / tokens)``, so
   a sweep over tokens compares groupings at (about) equal bits.
-- Two objectives (``metric: [val_mse, bits_per_sample]``): Optuna's multi-objective TPE and a Pareto plot.
+- Two objectives (``metric: [val_mse, bits_per_sample]``): Optuna's multi-objective TPE, a Pareto plot
+  and a ``pareto_optimal`` column (``best.yaml`` is the best trial on the first objective).
 
 Outputs in the sweep directory ``<output_dir>/<name>/``: Tune's experiment state (an interrupted sweep
 resumes when the same command runs again; finished trials are kept, not re-run), one Train run per trial
@@ -731,7 +732,12 @@ def trial_rows(tcfg: TuneConfig, grid: Any) -> list[dict[str, Any]]:
             status = "completed"
         row["status"] = status
         row["error"] = "" if result.error is None else str(result.error).splitlines()[0][:200]
-        row["history"] = [(h.get(tcfg.asha.time_attr), h.get(primary)) for h in history if primary in h]
+        # Reports between validations repeat the last validated value: keep one point per validation.
+        curve: list[tuple[Any, Any]] = []
+        for h in history:
+            if primary in h and (not curve or h[primary] != curve[-1][1]):
+                curve.append((h.get(tcfg.asha.time_attr), h[primary]))
+        row["history"] = curve
         rows.append(row)
     rows.sort(key=lambda r: str(r["trial_id"]))
     return rows
@@ -753,6 +759,13 @@ def write_outputs(tcfg: TuneConfig, grid: Any, base_data: dict[str, Any], sweep_
     """results.csv, best.yaml, sweep.png (+ pareto.png) from a finished ResultGrid."""
     rows = trial_rows(tcfg, grid)
     primary, mode = tcfg.primary_metric, tcfg.modes[0]
+    if len(tcfg.metrics) == 2:
+        # Two objectives: flag the non-dominated trials (best.yaml is still the best on the first one).
+        m0, m1 = tcfg.metrics
+        scored = [r for r in rows if all(isinstance(r.get(m), (builtins.int, float)) for m in (m0, m1))]
+        front = {id(scored[i]) for i in _pareto_front([(r[m0], r[m1]) for r in scored], tcfg.modes)}
+        for r in rows:
+            r["pareto_optimal"] = id(r) in front
 
     # results.csv: one row per trial (the learning curve stays in Tune's per-trial progress.csv).
     columns = [c for c in rows[0] if c != "history"] if rows else ["trial_id"]
@@ -996,4 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy imported as ``revq_ray.tune``, not ``__main__``: Ray pickles the trial function by
+    # reference to its module, and functions (and pydantic models) of ``__main__`` would go by value.
+    from revq_ray.tune import main as _main
+
+    sys.exit(_main())

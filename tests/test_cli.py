@@ -47,7 +47,7 @@ def test_bad_subcommand_errors_clearly(capsys):
     assert proc.returncode == 2 and "unknown command" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["quickstart", "eval", "compare"])
+@pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_subcommand_help_delegates(command):
     # Each subcommand's own argparse answers --help (exit 0) with its options.
     proc = _run(command, "--help")

@@ -1,4 +1,4 @@
-"""Every preset in configs/ loads and validates; the published ImageNet presets carry the published numbers."""
+"""Every preset in configs/ loads and validates; the ImageNet presets carry the published numbers."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def test_there_are_presets():
 def test_preset_loads_and_documents_itself(path):
     cfg = _load(path)
     assert cfg is not None
-    assert path.read_text().lstrip().startswith("#"), f"{path.name}: start with a comment header saying what it is"
+    assert path.read_text().lstrip().startswith("#"), (
+        f"{path.name}: start with a comment header saying what it is"
+    )
 
 
 # name -> (tokens, codebook size, rectifier width x depth, bits per image, global batch)
@@ -58,7 +60,12 @@ def test_imagenet_presets_match_the_published_configurations(name):
     assert (t.lr, t.rectifier_lr_scale, t.rectifier_weight_decay, t.final_lr_fraction, t.grad_clip) == (
         0.01, 0.05, 1e-4, 0.05, 1.0,
     )  # fmt: skip
-    assert q.reset.enabled and (q.reset.unit, q.reset.interval, q.reset.ratio, q.reset.noise) == ("epochs", 1, 0.2, 0.1)
+    assert q.reset.enabled and (q.reset.unit, q.reset.interval, q.reset.ratio, q.reset.noise) == (
+        "epochs",
+        1,
+        0.2,
+        0.1,
+    )
 
 
 def test_debug_preset_is_tiny_and_runs_anywhere():

@@ -58,7 +58,7 @@ def _log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------- settings
-def encode_settings(vae: Any, *, audio_samples: int | None = None) -> dict[str, Any]:
+def encode_settings(vae: Any) -> dict[str, Any]:
     """What a read task needs to turn raw media into VAE inputs (JSON-able; no model weights)."""
     kind = getattr(vae, "input_kind", "image" if vae.modality == "image" else "mel")
     s: dict[str, Any] = {
@@ -373,7 +373,7 @@ def encode_to_shards(
     want_logvar = bool(probe.is_gaussian) if logvar is None else logvar
     if want_logvar and not probe.is_gaussian:
         raise ValueError(f"--logvar: {vae_spec} is not a Gaussian VAE (no posterior); use --no-logvar")
-    settings = encode_settings(probe, audio_samples=audio_samples)
+    settings = encode_settings(probe)
     latent_shape = list(probe.latent_shape)
     del probe
 

@@ -14,14 +14,18 @@ from typing import Any
 __all__ = ["build_trainer", "run", "main"]
 
 
-def build_trainer(cfg: Any, *, storage_path: str | None = None, run_name: str | None = None, callbacks: Sequence[Any] = ()):
+def build_trainer(
+    cfg: Any, *, storage_path: str | None = None, run_name: str | None = None, callbacks: Sequence[Any] = ()
+):
     """See :func:`revq_ray.train.driver.build_trainer`."""
     from revq_ray.train.driver import build_trainer as _build
 
     return _build(cfg, storage_path=storage_path, run_name=run_name, callbacks=callbacks)
 
 
-def run(cfg: Any, *, storage_path: str | None = None, run_name: str | None = None, callbacks: Sequence[Any] = ()):
+def run(
+    cfg: Any, *, storage_path: str | None = None, run_name: str | None = None, callbacks: Sequence[Any] = ()
+):
     """See :func:`revq_ray.train.driver.run`."""
     from revq_ray.train.driver import run as _run
 

@@ -2,8 +2,8 @@
 
 A Ray Train checkpoint directory holds::
 
-    ds/                       engine.save_checkpoint(dir, tag="ds"): module + optimizer (+ ZeRO shards per rank)
-    trainer_state.json        step, epoch, position in the epoch, best val_mse, world size, ...
+    ds/                   engine.save_checkpoint(dir, tag="ds"): module + optimizer (+ ZeRO shards per rank)
+    trainer_state.json    step, epoch, position in the epoch, best val_mse, world size, ...
 
 Each rank writes its part into its own temporary directory and reports it; Ray Train merges them into one
 directory in storage. On restore every rank loads the merged directory.
@@ -90,8 +90,8 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
     same_world = state.world_size == world_size
     if not same_world and rank == 0:
         print(
-            f"[revq_ray.train] checkpoint was written by {state.world_size} workers, now {world_size}: loading the "
-            "model only; optimizer moments start from zero",
+            f"[revq_ray.train] checkpoint was written by {state.world_size} workers, now {world_size}: "
+            "loading the model only; optimizer moments start from zero",
             flush=True,
         )
     path, _ = engine.load_checkpoint(
@@ -111,9 +111,9 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
 
 
 def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` of a ReVQModel into ``out_dir`` atomically (write beside it, then swap), so a reader
-    never sees a half-written export. ``module`` is the live training module: its parameters are full fp32 at
-    ZeRO 0-2."""
+    """``save_pretrained`` of a ReVQModel into ``out_dir`` atomically (write beside it, then swap), so a
+    reader never sees a half-written export. ``module`` is the live training module: its parameters are
+    full fp32 at ZeRO 0-2."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     # ZeRO 1/2 turn the module's parameters into views of one flat buffer, which safetensors (rightly) refuses

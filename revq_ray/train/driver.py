@@ -1,7 +1,7 @@
 """The training driver: config -> Ray -> ``TorchTrainer`` -> ``Result``.
 
-One builder, :func:`build_trainer`, serves both ``python -m revq_ray.train`` (through :func:`run`) and the Tune
-driver (one Train run per trial, with ``callbacks=[TuneReportCallback()]``).
+One builder, :func:`build_trainer`, serves both ``python -m revq_ray.train`` (through :func:`run`) and the
+Tune driver (one Train run per trial, with ``callbacks=[TuneReportCallback()]``).
 
 Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of the run)::
 
@@ -10,9 +10,9 @@ Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of th
     R/export/latest, R/export/best  save_pretrained exports (ReVQModel.from_pretrained loads them)
     R/config.json, R/workers.json, R/starts.csv
 
-Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores the
-run's checkpoint history from ``R``). ``output_dir`` may be a URI (s3://, gs://): checkpoints then live there,
-while the CSV/TensorBoard logs and exports are written on the rank-0 node under
+Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores
+the run's checkpoint history from ``R``). ``output_dir`` may be a URI (s3://, gs://): checkpoints then live
+there, while the CSV/TensorBoard logs and exports are written on the rank-0 node under
 ``~/.cache/revq_ray/runs/<name>`` (they are small; copy them if you need them elsewhere).
 """
 
@@ -55,10 +55,10 @@ def _abs(path: str) -> str:
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a cluster or start a local Ray.
 
-    Joins ``address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit`` for the job's driver, or by the
-    user). Otherwise starts a private local instance with ``num_cpus`` logical CPUs (default: at least 8, above
-    the core count, so Ray Data's readers are not starved by the training workers' reservations). It never
-    attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
+    Joins ``address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit`` for the job's driver, or by
+    the user). Otherwise starts a private local instance with ``num_cpus`` logical CPUs (default: at least 8,
+    above the core count, so Ray Data's readers are not starved by the training workers' reservations). It
+    never attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
     """
     import ray
 
@@ -70,6 +70,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         _log(f"joined Ray cluster at {address}: {ray.cluster_resources()}")
     else:
         n = num_cpus or max(8, os.cpu_count() or 1)
+        # A busy laptop can take more than Ray's default minute to register the raylet.
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
         ray.init(num_cpus=n, include_dashboard=False)
         _log(f"started a local Ray with {n} logical CPUs")
 
@@ -98,12 +100,15 @@ def _ensure_shards(cfg: RunConfig) -> None:
     shape = cfg.train.synthetic_latent_shape
     _log(
         f"data.shards={shards} holds no manifest.json: writing {n} synthetic latents of shape {shape} there "
-        "(train.synthetic_items > 0; point data.shards at real latents from `python -m revq_ray.encode` instead)"
+        "(train.synthetic_items > 0; point data.shards at real latents from `python -m revq_ray.encode` "
+        "instead)"
     )
     write_synthetic_shards(shards, n, shape, with_logvar=True, seed=cfg.seed)
 
 
-def plan_run(cfg: RunConfig, *, storage_path: str | None = None, run_name: str | None = None) -> dict[str, Any]:
+def plan_run(
+    cfg: RunConfig, *, storage_path: str | None = None, run_name: str | None = None
+) -> dict[str, Any]:
     """Read the manifest(s), check the config against the data, and compute the run's fixed facts.
 
     Returns the ``plan`` the workers get, plus the datasets under ``"_datasets"``."""
@@ -118,12 +123,15 @@ def plan_run(cfg: RunConfig, *, storage_path: str | None = None, run_name: str |
     TokenLayout(manifest.latent_shape, cfg.model.quantizer.tokens)  # raises naming model.quantizer.tokens
     if cfg.model.quantizer.type == "gq" and not manifest.has_logvar:
         raise ConfigError(
-            f"model.quantizer.type=gq needs the VAE posterior's log-variance, but data.shards={cfg.data.shards} "
-            "holds latents only (manifest has_logvar=false). Encode with a Gaussian VAE that exposes its posterior "
-            "(python -m revq_ray.encode ... --logvar), or choose model.quantizer.type revq, vq or simvq"
+            f"model.quantizer.type=gq needs the VAE posterior's log-variance, but data.shards="
+            f"{cfg.data.shards} holds latents only (manifest has_logvar=false). Encode with a Gaussian VAE "
+            "that exposes its posterior (python -m revq_ray.encode ... --logvar), or choose "
+            "model.quantizer.type revq, vq or simvq"
         )
     if manifest.stats is None:
-        raise ConfigError(f"data.shards={cfg.data.shards}: the manifest has no latent statistics to standardize with")
+        raise ConfigError(
+            f"data.shards={cfg.data.shards}: the manifest has no latent statistics to standardize with"
+        )
 
     t0 = time.time()
     train_ds, val_ds = train_val_datasets(cfg.data, cfg.seed)
@@ -133,7 +141,10 @@ def plan_run(cfg: RunConfig, *, storage_path: str | None = None, run_name: str |
         val_ds = val_ds.materialize()
         val_count = val_ds.count()
         if val_count < tc.num_workers:
-            _log(f"only {val_count} validation latents for {tc.num_workers} workers: validating on training loss")
+            _log(
+                f"only {val_count} validation latents for {tc.num_workers} workers: reporting the training "
+                "loss as val_mse"
+            )
             val_ds, val_count = None, 0
     train_count = manifest.count if cfg.data.val_shards else manifest.count - val_count
     per_worker_rows = train_count // tc.num_workers  # Ray Train splits evenly (equal=True)
@@ -157,7 +168,8 @@ def plan_run(cfg: RunConfig, *, storage_path: str | None = None, run_name: str |
     if val_ds is not None:
         datasets["val"] = val_ds
     _log(
-        f"data {cfg.data.shards}: {train_count} train / {val_count} val latents of shape {manifest.latent_shape} "
+        f"data {cfg.data.shards}: {train_count} train / {val_count} val latents of shape "
+        f"{manifest.latent_shape} "
         f"({time.time() - t0:.1f}s to plan)"
     )
     return {
@@ -180,7 +192,9 @@ def plan_run(cfg: RunConfig, *, storage_path: str | None = None, run_name: str |
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """A copy of ``cfg`` with local paths made absolute."""
-    data = cfg.data.model_copy(update={"shards": _abs(cfg.data.shards), "val_shards": _abs(cfg.data.val_shards)})
+    data = cfg.data.model_copy(
+        update={"shards": _abs(cfg.data.shards), "val_shards": _abs(cfg.data.val_shards)}
+    )
     return cfg.model_copy(update={"data": data, "output_dir": _abs(cfg.output_dir)})
 
 
@@ -281,10 +295,19 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a preset YAML (configs/*.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=2 (repeatable)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster to join ('auto' = the one running here); default $RAY_ADDRESS, else local")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join ('auto' = the one running here); default $RAY_ADDRESS, else local",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 

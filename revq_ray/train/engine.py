@@ -69,19 +69,26 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for ``train`` on ``world_size`` ranks."""
     if train.zero_stage > 2:
         raise ValueError(
-            f"train.zero_stage={train.zero_stage}: stage 3 partitions parameters, which the grouped nearest-code "
-            "search cannot use; choose 0, 1 or 2 (2 already partitions optimizer state and gradients)"
+            f"train.zero_stage={train.zero_stage}: stage 3 partitions parameters, which the grouped "
+            "nearest-code search cannot use; choose 0, 1 or 2 (2 already partitions optimizer state and "
+            "gradients)"
         )
     micro = train.batch_size // world_size
     cfg: dict[str, Any] = {
         "train_batch_size": micro * world_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        # torch's AdamW everywhere: no JIT-compiled fused op (CPU has none; on GPU it avoids a CUDA toolchain),
+        # torch's AdamW everywhere: no JIT-compiled fused op (CPU has none; on GPU no CUDA toolchain needed),
         # and its per-parameter state is what the reset code clears at stage 0.
         "optimizer": {
             "type": "AdamW",
-            "params": {"lr": train.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "torch_adam": True},
+            "params": {
+                "lr": train.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "torch_adam": True,
+            },
         },
         # Clipping is per module and done by clip_grad_norms_ (DeepSpeed's is one global norm).
         "gradient_clipping": 0.0,
@@ -92,7 +99,12 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     if train.zero_stage in (1, 2):
         # Plain, non-overlapped reduction: deterministic and works with gloo (CPU) and NCCL alike.
         cfg["zero_optimization"].update(
-            {"overlap_comm": False, "contiguous_gradients": True, "reduce_scatter": True, "allgather_partitions": True}
+            {
+                "overlap_comm": False,
+                "contiguous_gradients": True,
+                "reduce_scatter": True,
+                "allgather_partitions": True,
+            }
         )
     if resolve_precision(train) == "bf16":
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
@@ -242,7 +254,9 @@ def _base_optimizer(engine: Any) -> Any:
 def _flat_partition_state(engine: Any, hp: Any) -> dict[str, torch.Tensor]:
     """Adam state tensors of the flat fp32 partition that ``hp`` (a fragment mapping) lives in."""
     opt = engine.optimizer
-    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition", None)
+    flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(
+        opt, "fp32_groups_flat_partition", None
+    )
     if flats is None:
         return {}
     flat = flats[hp.param_group_index]
@@ -262,7 +276,9 @@ def apply_reset_to_optimizer(engine: Any, report: ResetReport) -> int:
     quantizer = engine.module.quantizer
     param = dict(quantizer.named_parameters()).get(report.param_name)
     if param is None:
-        raise RuntimeError(f"ResetReport names quantizer parameter {report.param_name!r}, which does not exist")
+        raise RuntimeError(
+            f"ResetReport names quantizer parameter {report.param_name!r}, which does not exist"
+        )
     idx = _row_flat_index(param, report.groups.cpu(), report.codes.cpu()).reshape(-1)
     cleared = 0
     hp = _fragment(param)
@@ -274,7 +290,9 @@ def apply_reset_to_optimizer(engine: Any, report: ResetReport) -> int:
         if mine.numel() == 0:
             return 0
         local = (mine - start).to(hp.hp_fragment.device)
-        hp.hp_fragment.view(-1)[local] = param.detach().reshape(-1)[mine.to(param.device)].to(hp.hp_fragment.dtype)
+        hp.hp_fragment.view(-1)[local] = (
+            param.detach().reshape(-1)[mine.to(param.device)].to(hp.hp_fragment.dtype)
+        )
         state = _flat_partition_state(engine, hp)
         off = hp.hp_fragment_address.start
         for key in ADAM_MOMENTS:

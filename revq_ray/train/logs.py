@@ -62,7 +62,9 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events at or after it: the steps after the checkpoint are redone.
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(
+                str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         except Exception as err:  # tensorboard missing or broken: the CSV is the source of truth anyway
             print(f"[revq_ray.train] TensorBoard logging off ({type(err).__name__}: {err})", flush=True)
         with open(self.run_dir / STARTS_FILE, "a", newline="") as f:
@@ -90,7 +92,12 @@ class RunLogger:
         if self._tb is not None:
             step = int(metrics["step"])
             for k, v in metrics.items():
-                if k not in ("step",) and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+                if (
+                    k not in ("step",)
+                    and isinstance(v, int | float)
+                    and not isinstance(v, bool)
+                    and math.isfinite(v)
+                ):
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
 
@@ -108,11 +115,16 @@ def _duration(seconds: float) -> str:
 
 def progress_line(m: dict[str, Any], total_steps: int, eta_s: float | None) -> str:
     """One line per report, e.g.
-    ``step 120/1000 (12%) ep 2.40 | loss 0.1234 (quant 0.0512 rect 0.0722) | val 0.0701 | usage 97.5% (min 90.1%)
-    ppl 812 dead 3 | lr 9.1e-04 | 5,432 samples/s | eta 3m12s``."""
-    parts = [f"step {m['step']}/{total_steps} ({100 * m['step'] / max(total_steps, 1):.0f}%) ep {m['epoch']:.2f}"]
+    ``step 120/1000 (12%) ep 2.40 | loss 0.1234 (quant 0.0512 rect 0.0722) | val 0.0701 (norect 0.0733) |
+    usage 97.5% (min 90.1%) ppl 812 dead 3 | lr 9.1e-04 | 5,432 samples/s | eta 3m12s``."""
+    parts = [
+        f"step {m['step']}/{total_steps} ({100 * m['step'] / max(total_steps, 1):.0f}%) ep {m['epoch']:.2f}"
+    ]
     if "loss" in m:
-        parts.append(f"loss {m['loss']:.4f} (quant {m.get('loss_quant', float('nan')):.4f} rect {m.get('loss_rect', float('nan')):.4f})")
+        parts.append(
+            f"loss {m['loss']:.4f} (quant {m.get('loss_quant', math.nan):.4f} "
+            f"rect {m.get('loss_rect', math.nan):.4f})"
+        )
     if "val_mse" in m:
         parts.append(f"val {m['val_mse']:.4f} (norect {m.get('val_mse_norect', float('nan')):.4f})")
     if "usage_mean" in m:

@@ -95,7 +95,8 @@ def _endless_batches(shard: Any, micro: int, cfg: RunConfig, has_logvar: bool) -
         passes += 1
         if got == 0:
             raise RuntimeError(
-                f"this worker's split of the training data holds fewer than one batch of {micro} latents: lower "
+                f"this worker's split of the training data holds fewer than one batch of {micro} latents: "
+                "lower "
                 "train.batch_size or train.num_workers, or add data"
             )
 
@@ -106,7 +107,9 @@ def _seed_for(cfg: RunConfig, what: int, index: int) -> int:
 
 
 @torch.no_grad()
-def _validate(module: Any, val_shard: Any, micro: int, dist: _Dist, autocast: Any) -> tuple[float, float, int]:
+def _validate(
+    module: Any, val_shard: Any, micro: int, dist: _Dist, autocast: Any
+) -> tuple[float, float, int]:
     """Latent MSE in standardized units with and without the rectifier, over every worker's val split."""
     se = torch.zeros((), dtype=torch.float64)
     se_norect = torch.zeros((), dtype=torch.float64)
@@ -188,11 +191,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.standardizer.set_stats(RunningStats.from_state_dict(plan["stats"]))
     model.set_reduce_fn(dist.sum_)
     model.to(device)
+    t_build = time.perf_counter()
     restored = ray.train.get_checkpoint()
     if restored is None and rank == 0:
         _init_codebook(model, cfg, plan)
+    t_ds = time.perf_counter()
     engine, group_names = eng.build_engine(model, tc, world)
     module = engine.module
+    if rank == 0:
+        _log(
+            f"DeepSpeed engine ready in {time.perf_counter() - t_ds:.1f}s "
+            f"(worker setup {time.perf_counter() - t_build:.1f}s)"
+        )
 
     # ------------------------------------------------------------------ resume
     state = ckpt.TrainerState(world_size=world)
@@ -200,10 +210,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with restored.as_directory() as d:
             state = ckpt.load(engine, d, rank, world)
         if rank == 0:
-            _log(f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} (+{state.step_in_epoch} steps)")
+            _log(
+                f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} "
+                f"(+{state.step_in_epoch} steps)"
+            )
     start_step = state.step
     workers = dist.gather_objects(
-        {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+        {
+            "rank": rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
     )
     logger = None
     if rank == 0:
@@ -213,9 +231,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = RunLogger(run_dir, start_step)
         n_params = {k: sum(p.numel() for p in v) for k, v in model.param_groups().items()}
         _log(
-            f"{world} worker(s), ZeRO {tc.zero_stage}, {'bf16 autocast' if bf16 else 'fp32'} on {device.type}; "
+            f"{world} worker(s), ZeRO {tc.zero_stage}, {'bf16 autocast' if bf16 else 'fp32'} on "
+            f"{device.type}; "
             f"params codebook {n_params['codebook']:,} rectifier {n_params['rectifier']:,}; "
-            f"{total} steps = {total / spe:.2f} epochs of {spe} steps x {micro * world} latents; run dir {run_dir}"
+            f"{total} steps = {total / spe:.2f} epochs of {spe} steps x {micro * world} latents; "
+            f"run dir {run_dir}"
         )
 
     train_shard = ray.train.get_dataset_shard("train")
@@ -230,6 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     win_steps = 0
     win_t0 = time.perf_counter()
     run_t0 = time.perf_counter()
+    first_batch_logged = False
     extra_losses: dict[str, torch.Tensor] = {}
     last_norms: dict[str, float] = {}
     last_val: tuple[float, float] | None = None
@@ -241,6 +262,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ------------------------------------------------------------------ train
     while state.step < total:
         batch = next(stream)
+        if not first_batch_logged and rank == 0:
+            first_batch_logged = True
+            _log(f"first batch after {time.perf_counter() - run_t0:.1f}s (Ray Data stream start)")
         latents = batch["latent"].to(device, non_blocking=True)
         logvar = batch["logvar"].to(device, non_blocking=True) if "logvar" in batch else None
         lr = eng.set_lr(engine.optimizer, state.step, total, tc.final_lr_fraction)
@@ -271,8 +295,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         due_ckpt = (state.step % ckpt_every == 0) if ckpt_every else epoch_end
         due_val, due_ckpt = due_val or last, due_ckpt or last
         if resets_on:
-            due_reset = (state.step % reset_cfg.interval == 0) if reset_cfg.unit == "steps" else (
-                epoch_end and state.epoch % reset_cfg.interval == 0
+            due_reset = (
+                (state.step % reset_cfg.interval == 0)
+                if reset_cfg.unit == "steps"
+                else (epoch_end and state.epoch % reset_cfg.interval == 0)
             )
             due_reset = due_reset and not last  # a reset after the last step would only throw counts away
         else:
@@ -290,10 +316,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 eng.apply_reset_to_optimizer(engine, report)
                 reset_codes_since_report += report.count
                 state.resets += 1
-        if due_val:
-            if val_shard is not None:
-                vm, vn, _ = _validate(module, val_shard, micro, dist, autocast)
-                last_val = (vm, vn)
+        if due_val and val_shard is not None:
+            vm, vn, _ = _validate(module, val_shard, micro, dist, autocast)
+            last_val = (vm, vn)
         if not (due_log or due_val or due_ckpt):
             continue
         # Rank 0's clock decides whether this log step also goes to Ray (see _REPORT_INTERVAL_S); riding on
@@ -336,10 +361,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["val_mse"], metrics["val_mse_norect"] = metrics["loss_rect"], float("nan")
             metrics["val_source"] = "train"
         improved = False
-        if due_val and "val_mse" in metrics and math.isfinite(metrics["val_mse"]):
-            if state.best_val_mse is None or metrics["val_mse"] < state.best_val_mse:
-                state.best_val_mse = metrics["val_mse"]
-                improved = True
+        val_now = metrics.get("val_mse", math.nan) if due_val else math.nan
+        if math.isfinite(val_now) and (state.best_val_mse is None or val_now < state.best_val_mse):
+            state.best_val_mse = val_now
+            improved = True
         if state.best_val_mse is not None:
             metrics["best_val_mse"] = state.best_val_mse
 
@@ -383,7 +408,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 # Give the controller time to register the reports made so far (it drains them every health
                 # check), so the restart point is the last checkpoint reported, not a race.
                 time.sleep(2 * _REPORT_INTERVAL_S + 1)
-                _log(f"train.fail_at_step={tc.fail_at_step}: rank 0 exits now (test hook; happens once per run dir)")
+                _log(f"train.fail_at_step={tc.fail_at_step}: rank 0 exits now (test hook; once per run dir)")
                 os._exit(17)
 
     # ------------------------------------------------------------------ end
@@ -393,7 +418,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         out = run_dir / "ranks"
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items() if k != "quantizer.counts"}
+        sd = {
+            k: v.detach().to("cpu", copy=True)
+            for k, v in module.state_dict().items()
+            if k != "quantizer.counts"
+        }
         safetensors.torch.save_file(sd, str(out / f"rank{rank}.safetensors"))
     if logger is not None:
         logger.close()

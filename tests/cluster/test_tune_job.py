@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# Minutes on an idle 2-core machine; far more when other Ray jobs share the cores.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -141,6 +143,8 @@ def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
         [RAY, "job", "list", "--address", address], env=anon, capture_output=True, text=True
     )
     assert refused.returncode != 0, refused.stdout
+    said = refused.stdout + refused.stderr
+    assert re.search(r"401|unauthori[sz]ed|authenticat|token", said, re.I), said[-2000:]
 
     shape = load_config(ROOT / "configs" / "debug.yaml").train.synthetic_latent_shape
     shards = tmp_path / "latents"
@@ -151,15 +155,17 @@ def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
         [
             RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
             "--", "python", "-m", "revq_ray.tune", "--config", "tuning/debug.yaml",
+            # Two trials (one wave of max_concurrent=2) keep the job short; tests/tune runs all four.
+            "--set", "num_samples=2",
             "--set", f"output_dir={out}", "--train-set", f"data.shards={shards}",
         ],
-        env=env, capture_output=True, text=True, timeout=420,
+        env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     print(f"job took {time.time() - t0:.1f}s")
     logs = job.stdout[-4000:] + job.stderr[-4000:]
     assert job.returncode == 0, logs
-    assert "SUCCEEDED" in job.stdout + job.stderr, logs
+    assert re.search(r"Job '\S+' succeeded", re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)), logs
     with open(out / "debug" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and all(r["status"] != "error" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] != "error" for r in rows), rows
     assert (out / "debug" / "best.yaml").is_file() and (out / "debug" / "sweep.png").is_file()

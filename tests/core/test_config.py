@@ -99,6 +99,12 @@ INVALID = [
     ("train.checkpoint_every", -1),
     ("train.keep_checkpoints", 0),
     ("train.max_failures", -1),
+    ("train.fail_at_step", "soon"),
+    ("train.resources_per_worker", "gpu"),
+    ("train.resources_per_worker", {"custom": "lots"}),
+    ("train.export_all_ranks", "maybe"),
+    ("train.synthetic_items", -1),
+    ("train.synthetic_latent_shape", "16x8x8"),
     ("train.learning_rate", 1e-3),  # unknown key
     # run (top level)
     ("name", ""),

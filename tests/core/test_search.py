@@ -51,7 +51,7 @@ def test_matches_brute_force_float64(B, G, K, d, budget_mb, block):
     torch.testing.assert_close(dist, ref_dist, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("target", [None, 4096, 1 << 16])
+@pytest.mark.parametrize("target", [None, 4096, 1 << 16, 1 << 30])
 def test_float32_random_distances_match(target):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randn(200, 6, 4, generator=g)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +82,7 @@ def run_dir_from(tmp_path):
                 lines.append(f"{s},,,,{0.6 / (1 + s):.4f},,")
         (run / "metrics.csv").write_text("\n".join(lines) + "\n")
         if vae_spec:
-            (run / "config.yaml").write_text(f"name: run\nvae: {vae_spec}\n")
+            (run / "config.json").write_text(json.dumps({"name": "run", "vae": vae_spec}))
         return run
 
     return make

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
@@ -93,7 +94,8 @@ def test_miniature_compare_all_rows(tmp_path, ray_local, capsys):
         assert math.isfinite(float(r["val_mse"])) and float(r["val_mse"]) > 0
         assert 0 < float(r["usage"]) <= 1
         assert int(r["steps"]) == 3
-        assert (tmp_path / "cmp" / "runs" / r["name"] / "export" / "best" / "model.safetensors").is_file()
+        assert (Path(r["run_dir"]) / "export" / "best" / "model.safetensors").is_file()
+        assert Path(r["run_dir"]).name == f"{r['name']}-T16-K16-s3"
     # identity-rectifier rows: with and without rectifier are the same number
     by = {r["name"]: r for r in rows}
     assert float(by["vq"]["val_mse"]) == pytest.approx(float(by["vq"]["val_mse_norect"]), rel=1e-5)

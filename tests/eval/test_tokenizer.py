@@ -113,3 +113,21 @@ def test_from_pretrained_errors(tiny_assets, tmp_path):
         Tokenizer.from_pretrained(tiny_assets["model_dir"])
     tok = Tokenizer.from_pretrained(tiny_assets["model_dir"], vae=tiny_assets["vae_spec"])
     assert tok.tokens == 4
+
+
+def test_gq_tokenizer_uses_the_posterior(tiny_assets, tmp_path):
+    from revq_ray import Tokenizer
+    from revq_ray.core.model import ReVQModel
+
+    model = ReVQModel(
+        [4, 2, 2],
+        {"quantizer": {"type": "gq", "tokens": 4, "codebook_size": 16}, "rectifier": {"type": "identity"}},
+    )
+    model.standardizer.fit([tiny_assets["latents"]])
+    model.eval().save_pretrained(tmp_path / "gq")
+    tok = Tokenizer.build(tiny_assets["vae_spec"], tmp_path / "gq")
+    images = tiny_assets["images"][:8]
+    ids = tok.encode(images)
+    post = tok.vae.posterior(tok.preprocess(images))
+    assert torch.equal(ids, model.encode(post.mean, post.logvar))
+    assert tok.decode(ids).shape == (8, 3, 16, 16)

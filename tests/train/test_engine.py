@@ -68,7 +68,11 @@ def _worker(rank: int, world: int, port: int, stage: int, results: dict) -> None
     import os
 
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
     )
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch.distributed as dist

@@ -27,7 +27,9 @@ def _run(cfg):
     return result
 
 
-@pytest.mark.parametrize(("workers", "zero"), [(1, 0), (2, 0), (2, 2)], ids=["1w-zero0", "2w-zero0", "2w-zero2"])
+@pytest.mark.parametrize(
+    ("workers", "zero"), [(1, 0), (2, 0), (2, 2)], ids=["1w-zero0", "2w-zero0", "2w-zero2"]
+)
 def test_training_reduces_loss_and_ranks_agree(ray_local, latent_shards, tmp_path, workers, zero):
     cfg = make_cfg(
         latent_shards,
@@ -100,7 +102,9 @@ def test_rerun_with_same_name_resumes(ray_local, latent_shards, tmp_path):
     k = 4
     first = _run(make_cfg(latent_shards, tmp_path, "resume", **{"train.epochs": 10, "train.max_steps": k}))
     assert first.metrics["step"] == k
-    second = _run(make_cfg(latent_shards, tmp_path, "resume", **{"train.epochs": 10, "train.max_steps": 2 * k}))
+    second = _run(
+        make_cfg(latent_shards, tmp_path, "resume", **{"train.epochs": 10, "train.max_steps": 2 * k})
+    )
     assert second.metrics["step"] == 2 * k
     run_dir = tmp_path / "resume"
     starts = (run_dir / "starts.csv").read_text().split()[1:]

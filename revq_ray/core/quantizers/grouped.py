@@ -66,8 +66,44 @@ def check_ids(ids_bt: torch.Tensor, groups: int, codebook_size: int) -> None:
         )
 
 
-def gather_codes(codebook_gkd: torch.Tensor, ids_bt: torch.Tensor) -> torch.Tensor:
-    """``out[b, g] = codebook[g, ids[b, g]]`` as one embedding lookup (gradient flows into the codebook)."""
+class _SparseGather(torch.autograd.Function):
+    """``out[b, g] = codebook[g, ids[b, g]]``; the codebook gradient is a sparse COO tensor of the looked-up
+    rows (sparse dims (g, k), dense dim d, duplicates not yet summed), not a dense (G, K, d) tensor."""
+
+    @staticmethod
+    def forward(ctx, codebook_gkd: torch.Tensor, ids_bt: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        G, K, d = codebook_gkd.shape
+        offsets = torch.arange(G, device=ids_bt.device, dtype=torch.long) * K
+        flat = (ids_bt.long() + offsets).reshape(-1)
+        ctx.save_for_backward(ids_bt)
+        ctx.shape = (G, K, d)
+        return codebook_gkd.reshape(G * K, d).index_select(0, flat).view(*ids_bt.shape, d)
+
+    @staticmethod
+    def backward(ctx, grad_btd: torch.Tensor):  # type: ignore[override]
+        (ids_bt,) = ctx.saved_tensors
+        G, K, d = ctx.shape
+        # Group of every row of grad_btd.reshape(-1, d): (B*G,), b-major.
+        g_idx = torch.arange(G, device=ids_bt.device, dtype=torch.long).repeat(ids_bt.shape[0])
+        indices = torch.stack([g_idx, ids_bt.reshape(-1).long()])
+        # Indices are in range by construction (ids come from the search): no invariant check (it would also
+        # sync on GPU). Checks are off by default; saying so explicitly (a no-op) stops torch's warning.
+        if not torch.sparse.check_sparse_tensor_invariants.is_enabled():
+            torch.sparse.check_sparse_tensor_invariants.disable()
+        grad = torch.sparse_coo_tensor(
+            indices, grad_btd.reshape(-1, d), (G, K, d), is_coalesced=False, check_invariants=False
+        )
+        return grad, None
+
+
+def gather_codes(codebook_gkd: torch.Tensor, ids_bt: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+    """``out[b, g] = codebook[g, ids[b, g]]`` as one embedding lookup (gradient flows into the codebook).
+
+    ``sparse=True``: same values, but the codebook's gradient is a sparse COO tensor holding only the B * G
+    looked-up rows (for :class:`revq_ray.core.optim.RowSparseAdamW`); default: a dense (G, K, d) gradient.
+    """
+    if sparse and codebook_gkd.requires_grad and torch.is_grad_enabled():
+        return _SparseGather.apply(codebook_gkd, ids_bt)
     G, K, d = codebook_gkd.shape
     offsets = torch.arange(G, device=ids_bt.device, dtype=torch.long) * K
     return F.embedding(ids_bt.long() + offsets, codebook_gkd.reshape(G * K, d))
@@ -121,6 +157,11 @@ class GroupedVQ(CountsMixin, Quantizer):
         reduce_fn: sums a tensor across ranks in place (resets use the global counts).
     """
 
+    sparse_grad: bool = False
+    """Training speed switch (off by default): the codebook's gradient is a sparse COO tensor of the rows
+    looked up this step instead of a dense (G, K, d) tensor. Needs an optimizer that accepts sparse gradients
+    (:class:`revq_ray.core.optim.RowSparseAdamW`); values and losses are unchanged."""
+
     def __init__(
         self,
         tokens: int,
@@ -164,7 +205,7 @@ class GroupedVQ(CountsMixin, Quantizer):
         check_tokens(tokens_btd, self.tokens, self.dim)
         ids_bt, _ = nearest_code(tokens_btd.detach(), self.codebook.detach(), self.search_budget_mb)
         self._count(ids_bt)
-        q = gather_codes(self.codebook, ids_bt)
+        q = gather_codes(self.codebook, ids_bt, sparse=self.sparse_grad)
         if q.dtype != tokens_btd.dtype:  # e.g. a bf16 codebook under DeepSpeed with float32 latents
             q = q.to(tokens_btd.dtype)
         z_sg = tokens_btd.detach()
@@ -176,7 +217,7 @@ class GroupedVQ(CountsMixin, Quantizer):
     def codes(self, ids_bt: torch.Tensor) -> torch.Tensor:
         """(B, G) ids -> (B, G, d) codes: exactly the forward's quantized output (in eval mode)."""
         check_ids(ids_bt, self.tokens, self.codebook_size)
-        return gather_codes(self.codebook, ids_bt)
+        return gather_codes(self.codebook, ids_bt, sparse=self.sparse_grad)
 
     # --------------------------------------------------------------------------------------------- init
     @torch.no_grad()

@@ -3,7 +3,8 @@
 The reference ReVQ search calls ``torch.cdist`` on two groups at a time and keeps the full (B, K) distance
 matrix of each: at K = 262,144 and B = 256 that is 268 MB per group, and the matrix is written, clamped,
 square-rooted and read again before ``min``. Here the search is chunked over groups, batch rows AND codes,
-so the peak extra memory is bounded by ``budget_mb`` whatever K is, and (on CPU) each chunk stays in cache.
+so the peak extra memory is bounded by ``budget_mb`` whatever K is (and, single-threaded on CPU, each chunk
+stays in cache).
 
 Algorithm, per chunk of (groups, rows, codes):
 
@@ -31,11 +32,14 @@ import torch
 
 MB = 1 << 20
 DEFAULT_BLOCK = 64
-# Score-chunk size per CPU thread. Measured on a 2-core AMD EPYC (512 KiB L2 per core, 32 MiB L3), 1 thread,
-# ns per distance at the three published shapes: 256 KiB 2.9/1.9/2.7, 512 KiB 1.5/1.6/1.7, 1 MiB
-# 1.7/1.3/1.6, 2 MiB 1.7/1.2/1.5, 4 MiB 1.4/1.1/1.5 (small chunks pay Python overhead per chunk; the
-# chunk must also stay well inside L3 so that baddbmm's output is still cached when amin reads it).
-CPU_CHUNK_BYTES_PER_THREAD = 2 * MB
+# Score-chunk size on CPU with ONE intra-op thread. Measured on a 2-core AMD EPYC (512 KiB L2 per core,
+# 32 MiB L3), CPU time per distance at the three published shapes: 256 KiB 2.9/1.9/2.7 ns, 512 KiB
+# 1.5/1.6/1.7, 2 MiB 1.7/1.2/1.5, 8-128 MiB about 3.6 (small chunks pay Python overhead per chunk; large
+# ones fall out of cache before amin reads them). With several threads every op is an OpenMP fork/join, and
+# on shared cores a small chunk's join waits for a descheduled thread: 2 threads at 2 MiB chunks cost
+# 37 ns/distance of CPU time against 5.9 at 128 MiB. So multi-threaded CPU (and GPU) use the largest chunk
+# the budget allows.
+CPU_CHUNK_BYTES_SINGLE_THREAD = 2 * MB
 
 ExactFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(rows (r, e), candidates (r, n, e)) -> values to minimize (r, n), computed exactly (no expansion)."""
@@ -125,8 +129,9 @@ def plan_search(
 ) -> SearchPlan:
     """Choose chunk sizes for a (batch, groups) x (groups, codes, dim) search within ``budget_mb``.
 
-    ``target_chunk_bytes`` is the preferred size of one score chunk: small on CPU (cache-resident), the whole
-    budget on GPU. ``budget_mb`` is a hard cap on :func:`estimate_peak_bytes`.
+    ``target_chunk_bytes`` is the preferred size of one score chunk: cache-sized on a single-threaded CPU,
+    otherwise as large as the budget allows (see ``CPU_CHUNK_BYTES_SINGLE_THREAD``). ``budget_mb`` is a hard
+    cap on :func:`estimate_peak_bytes`.
     """
     if budget_mb <= 0:
         raise ValueError(f"search budget_mb={budget_mb} must be > 0 (model.quantizer.search_budget_mb)")
@@ -134,10 +139,8 @@ def plan_search(
         raise ValueError(f"empty search: batch={batch}, groups={groups}, codes={codes}, dim={dim}")
     budget = int(budget_mb * MB)
     if target_chunk_bytes is None:
-        if torch.device(device).type == "cpu":
-            target_chunk_bytes = CPU_CHUNK_BYTES_PER_THREAD * max(1, torch.get_num_threads())
-        else:
-            target_chunk_bytes = budget
+        single_cpu = torch.device(device).type == "cpu" and torch.get_num_threads() == 1
+        target_chunk_bytes = CPU_CHUNK_BYTES_SINGLE_THREAD if single_cpu else budget
     es = elem_bytes
 
     def peak(gc: int, bc: int, kc: int, blk: int, fr: int, per_chunk: bool) -> int:
@@ -341,7 +344,8 @@ def nearest_code(
         tokens_btd: (B, G, d) tokens; token t of every sample searches only ``codebook_gkd[t]``.
         codebook_gkd: (G, K, d) codebooks.
         budget_mb: hard cap on the extra memory of the search (see :func:`plan_search`).
-        target_chunk_bytes: preferred score-chunk size (default: cache-sized on CPU, the budget on GPU).
+        target_chunk_bytes: preferred score-chunk size (default: cache-sized on a single-threaded CPU,
+            else the largest the budget allows).
         block: codes per block of the two-level min (tuning knob; results do not depend on it).
 
     Returns:
