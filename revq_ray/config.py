@@ -31,21 +31,30 @@ class ResetConfig(_Section):
     """Non-activation reset of dead codes (ReVQ)."""
 
     enabled: bool = True
-    dead_threshold: int = Field(1, ge=1, description="a code with fewer hits than this since the last reset is dead")
-    ratio: float = Field(0.2, gt=0.0, le=1.0, description="at most this fraction of a group's codes reset at once")
-    noise: float = Field(0.1, ge=0.0, description="std of the Gaussian noise added to copied codes (standardized units)")
+    dead_threshold: int = Field(
+        1, ge=1, description="a code with fewer hits than this since the last reset is dead"
+    )
+    ratio: float = Field(
+        0.2, gt=0.0, le=1.0, description="at most this fraction of a group's codes reset at once"
+    )
+    noise: float = Field(
+        0.1, ge=0.0, description="std of the Gaussian noise added to copied codes (standardized units)"
+    )
     interval: int = Field(1, ge=1, description="reset every `interval` units")
     unit: Literal["epochs", "steps"] = "epochs"
 
 
 class QuantizerConfig(_Section):
-    """Which quantizer, and its knobs. ``tokens`` groups of ``codebook_size`` codes of dim latent_size/tokens."""
+    """Which quantizer, and its knobs.
+
+    ``tokens`` groups of ``codebook_size`` codes, each of dimension latent_size / tokens."""
 
     type: Literal["revq", "vq", "simvq", "gq"] = "revq"
     tokens: int = Field(512, ge=1, description="T = number of tokens (= groups) per latent")
     codebook_size: int = Field(16384, ge=2, description="K = codes per group")
     loss: Literal["decoupled", "joint"] = Field(
-        "decoupled", description="revq/vq: the reference's decoupled losses, or one straight-through objective"
+        "decoupled",
+        description="revq/vq: the reference's decoupled losses, or one straight-through objective",
     )
     beta: float = Field(0.25, ge=0.0, description="commitment weight (simvq, joint revq/vq)")
     init: Literal["sample", "kmeans++", "random"] = "sample"
@@ -55,7 +64,9 @@ class QuantizerConfig(_Section):
     )
     reset: ResetConfig = Field(default_factory=ResetConfig)
     simvq_shared: bool = Field(False, description="simvq: one linear map shared by all groups")
-    simvq_seed: int = Field(0, ge=0, description="simvq: seed of the frozen random codebook and the map's init")
+    simvq_seed: int = Field(
+        0, ge=0, description="simvq: seed of the frozen random codebook and the map's init"
+    )
     gq_beta: float = Field(1.0, ge=0.0, description="gq: prior weight in the log-ratio score")
     gq_seed: int = Field(0, ge=0, description="gq: seed of the scrambled Sobol prior samples")
 
@@ -106,7 +117,9 @@ class DataConfig(_Section):
     """Where the latent shards live (written by ``python -m revq_ray.encode``)."""
 
     shards: str = Field("", description="directory or URI holding manifest.json and *.tar latent shards")
-    val_shards: str = Field("", description="separate validation shards; empty: hold out `val_items` from train")
+    val_shards: str = Field(
+        "", description="separate validation shards; empty: hold out `val_items` from train"
+    )
     val_items: int = Field(512, ge=0, description="latents held out for validation when val_shards is empty")
     shuffle_buffer: int = Field(2048, ge=0, description="local shuffle buffer (items) per worker; 0 = off")
     init_samples: int = Field(
@@ -156,10 +169,14 @@ class TrainConfig(_Section):
         default_factory=dict, description="extra Ray resources per worker (e.g. a custom node label resource)"
     )
     export_all_ranks: bool = Field(
-        False, description="test hook: every rank writes its final state to <run_dir>/ranks/rank<r>.safetensors"
+        False,
+        description="test hook: every rank writes its final state to <run_dir>/ranks/rank<r>.safetensors",
     )
     synthetic_items: int = Field(
-        0, ge=0, description="if data.shards has no manifest, first write this many synthetic latents there (0 = error)"
+        0,
+        ge=0,
+        description="if data.shards has no manifest, first write this many synthetic latents there"
+        " (0 = error)",
     )
     synthetic_latent_shape: list[int] = Field(
         default_factory=lambda: [16, 8, 8], description="latent shape of those synthetic latents"
@@ -173,7 +190,9 @@ class RunConfig(_Section):
     name: str = Field("run", min_length=1, description="run name; re-running the same name resumes")
     output_dir: str = Field("runs", description="local path or URI (s3://...) for checkpoints and logs")
     seed: int = Field(0, ge=0)
-    vae: str = Field("", description="VAE spec for decoded metrics: diffusers:<id|dir>, taesd:<dir>, builtin:<dir>")
+    vae: str = Field(
+        "", description="VAE spec for decoded metrics: diffusers:<id|dir>, taesd:<dir>, builtin:<dir>"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -238,7 +257,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None, cls: type[BaseModel] = RunConfig) -> Any:
+def load_config(
+    path: str | Path, overrides: list[str] | None = None, cls: type[BaseModel] = RunConfig
+) -> Any:
     """Load a YAML preset, apply ``--set`` overrides, and validate it."""
     try:
         return parse_config(apply_overrides(load_yaml(path), overrides), cls)

@@ -23,7 +23,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def shared_dir() -> Path:
     """The ../shared assets; tests that need them skip with a reason when they are missing."""
     if not (SHARED / "README.md").is_file():
-        pytest.skip(f"../shared assets not found at {SHARED} (present in CI; set REVQ_SHARED to point at them)")
+        pytest.skip(
+            f"../shared assets not found at {SHARED} (present in CI; set REVQ_SHARED to point at them)"
+        )
     return SHARED
 
 

@@ -11,7 +11,9 @@ from revq_ray.core.stats import RunningStats
 
 
 class Standardizer(nn.Module):
-    """``(z - mean) / std`` per element of the latent (e.g. each of the 2,048 positions of a 32x8x8 latent)."""
+    """``(z - mean) / std`` per element of the latent.
+
+    One mean and std for each of the latent's elements (e.g. the 2,048 of a 32x8x8 latent)."""
 
     def __init__(self, latent_shape: tuple[int, ...] | list[int], eps: float = 1e-6):
         super().__init__()

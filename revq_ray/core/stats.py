@@ -60,7 +60,12 @@ class RunningStats:
         return self.var.sqrt()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "count": self.count, "mean": self.mean.tolist(), "m2": self.m2.tolist()}
+        return {
+            "shape": list(self.shape),
+            "count": self.count,
+            "mean": self.mean.tolist(),
+            "m2": self.m2.tolist(),
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> RunningStats:

@@ -28,7 +28,9 @@ def _run(cfg):
 
 
 @pytest.mark.parametrize(
-    ("workers", "zero"), [(1, 0), (2, 0), (2, 2)], ids=["1w-zero0", "2w-zero0", "2w-zero2"]
+    ("workers", "zero"),
+    [(1, 0), pytest.param(2, 0, marks=pytest.mark.extended), (2, 2)],
+    ids=["1w-zero0", "2w-zero0", "2w-zero2"],
 )
 def test_training_reduces_loss_and_ranks_agree(ray_local, latent_shards, tmp_path, workers, zero):
     cfg = make_cfg(

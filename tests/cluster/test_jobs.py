@@ -1,8 +1,14 @@
-"""A Ray job on a real `ray start --head` runs the debug sweep to completion, with token auth on.
+"""Ray jobs on a real `ray start --head` with token auth on, as users submit them:
 
-The head gets its own temp dir and free ports (other Ray instances on the machine are untouched), and
-RAY_AUTH_MODE=token with a token made for this test. Without the token the job API refuses the client.
-Teardown stops only the processes this head started (found by its unique temp dir), never `ray stop`.
+- `ray job submit -- python -m revq_ray.train --config configs/debug.yaml`: the job's driver joins the running
+  cluster (RAY_ADDRESS), writes synthetic debug shards where none are, trains, and succeeds;
+- `ray job submit -- python -m revq_ray.tune --config tuning/debug.yaml` runs the sweep to completion;
+- without the token the job API refuses the client.
+
+One head serves the module (a head costs ~20 s to start and stop on 2 cores). It gets its own temp dir and
+free ports (other Ray instances on the machine are untouched) and RAY_AUTH_MODE=token with a token made for
+this test. Teardown stops only the processes this head started (found by its unique temp dir), never
+`ray stop`.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ def _stop_head(marker: str) -> None:
             p.kill()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head():
     # Short path: Ray's unix sockets live under the temp dir (108-byte limit).
     temp_dir = tempfile.mkdtemp(prefix="rqjob", dir="/tmp")
@@ -126,6 +132,32 @@ def _wait_for_dashboard(address: str, env: dict, timeout: float = 60) -> None:
     raise AssertionError(f"job API at {address} not ready: {r.stdout[-2000:]} {r.stderr[-2000:]}")
 
 
+def test_train_debug_preset_runs_as_a_job(ray_head, tmp_path):
+    address, env = ray_head["address"], ray_head["env"]
+    _wait_for_dashboard(address, env)
+    shards, out = tmp_path / "shards", tmp_path / "runs"
+    job = subprocess.run(
+        [
+            RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+            "python", "-m", "revq_ray.train", "--config", "configs/debug.yaml",
+            "--set", f"data.shards={shards}", "--set", f"output_dir={out}", "--set", "name=job",
+            "--set", "train.epochs=1", "--set", "train.synthetic_items=384", "--set", "data.val_items=32",
+        ],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    logs = job.stdout[-5000:] + job.stderr[-3000:]
+    assert job.returncode == 0, logs
+    assert re.search(r"Job '\S+' succeeded", re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)), logs
+    said = job.stdout + job.stderr  # the whole log: `logs` is only its tail
+    assert "joined Ray cluster" in said and "writing 384 synthetic latents" in said, logs
+    assert (shards / "manifest.json").is_file()
+    run_dir = out / "job"
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and rows[-1]["val_mse"], rows
+    assert (run_dir / "export" / "latest" / "model.safetensors").is_file()
+
+
 def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
     from revq_ray.config import load_config
     from revq_ray.data.synthetic import write_synthetic_shards
@@ -157,6 +189,8 @@ def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
             "--", "python", "-m", "revq_ray.tune", "--config", "tuning/debug.yaml",
             # Two trials (one wave of max_concurrent=2) keep the job short; tests/tune runs all four.
             "--set", "num_samples=2",
+            # One epoch per trial: the job path is under test here; tests/tune covers ASHA over epochs.
+            "--set", "asha.max_t=1",
             "--set", f"output_dir={out}", "--train-set", f"data.shards={shards}",
         ],
         env=env, capture_output=True, text=True, timeout=1500,
