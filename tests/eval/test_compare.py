@@ -57,7 +57,7 @@ def test_gq_without_logvar_is_a_skipped_row(tmp_path):
     assert (tmp_path / "out" / "compare.csv").is_file()
 
 
-def test_miniature_compare_all_rows(tmp_path, ray_local, capsys):
+def test_miniature_compare(tmp_path, ray_local, capsys):
     from revq_ray.data.synthetic import write_synthetic_shards
 
     shards = tmp_path / "shards"
@@ -81,13 +81,16 @@ def test_miniature_compare_all_rows(tmp_path, ray_local, capsys):
             "model.rectifier.width=16",
             "--set",
             "train.log_every=1",
+            # Three rows keep the test short (each is a Ray Train run); every row's config is checked above.
+            "--rows",
+            "revq,gq,vq",
         ]
     )
     assert rc == 0
     printed = capsys.readouterr().out
     with open(out / "compare.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["name"] for r in rows] == list(C.ROWS)
+    assert [r["name"] for r in rows] == ["revq", "gq", "vq"]
     for r in rows:
         assert r["status"] == "ok", r
         assert float(r["bits_per_sample"]) == 64.0 and int(r["codebook_size"]) == 16
@@ -99,6 +102,6 @@ def test_miniature_compare_all_rows(tmp_path, ray_local, capsys):
     # identity-rectifier rows: with and without rectifier are the same number
     by = {r["name"]: r for r in rows}
     assert float(by["vq"]["val_mse"]) == pytest.approx(float(by["vq"]["val_mse_norect"]), rel=1e-5)
-    assert "| revq_no_rectifier |" in printed and "| simvq |" in printed
+    assert "| revq |" in printed and "| gq |" in printed
     assert (out / "compare.png").stat().st_size > 10_000
     assert "compare.png" in (out / "compare.md").read_text()

@@ -1,10 +1,8 @@
 """The debug sweep end to end (real Ray Tune + Ray Train + DeepSpeed on CPU, tiny trials):
 
 - 4 trials, 2 at a time, ASHA stops at least one early (read back from results.csv);
-- the sweep is killed (SIGKILL, whole process group) after a trial finished and resumes without re-running it;
-- results.csv / best.yaml / sweep.png are written, and best.yaml trains with `revq_ray.train` as is.
-
-One sweep covers all three (each sweep costs minutes on 2 cores).
+- results.csv / best.yaml / sweep.png are written, and best.yaml trains with `revq_ray.train` as is;
+- a sweep killed (SIGKILL, whole process group) after some trials finished resumes without re-running them.
 """
 
 from __future__ import annotations
@@ -47,85 +45,19 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _events(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def test_debug_sweep_finishes_and_best_trains(ray_local, shards, tmp_path, monkeypatch):
+    from revq_ray.tune import load_tune_config, run_sweep
 
-
-def _tune_cmd(shards: Path, out: Path) -> list[str]:
-    # The debug preset as is: 4 trials, 2 at a time, ASHA over 3 epochs.
-    return [
-        sys.executable,
-        "-m",
-        "revq_ray.tune",
-        "--config",
-        str(DEBUG),
-        "--set",
-        f"output_dir={out}",
-        "--train-set",
-        f"data.shards={shards}",
-        "--num-cpus",
-        "8",
-    ]
-
-
-def test_debug_sweep_killed_resumes_finishes_and_best_trains(shards, tmp_path):
-    """One sweep, end to end: SIGKILL it once a trial has finished and another runs; the same command
-    resumes without re-running finished trials; ASHA stopped at least one trial early; results.csv,
-    best.yaml and sweep.png are written, and best.yaml trains with `revq_ray.train` as is."""
-    tcfg = load_config_for_checks()
-    # Snapshot Tune's experiment state every second (default: at most every 10 s) so a kill right after a
-    # trial finished still finds it recorded.
-    env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1", RAY_DEDUP_LOGS="0")
-    sweep = tmp_path / "debug"
-    events = sweep / "trials.jsonl"
+    monkeypatch.chdir(ROOT)
     t0 = time.time()
-    with open(tmp_path / "first.log", "w") as log1:
-        proc = subprocess.Popen(
-            _tune_cmd(shards, tmp_path),
-            cwd=ROOT,
-            env=env,
-            stdout=log1,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            # Kill once a trial finished and another one runs.
-            deadline = time.time() + 1200
-            while time.time() < deadline and proc.poll() is None:
-                ev = _events(events)
-                done = {e["trial_id"] for e in ev if e["event"] == "complete"}
-                if done and {e["trial_id"] for e in ev if e["event"] == "start"} - done:
-                    break
-                time.sleep(0.5)
-            assert proc.poll() is None, (
-                "the sweep ended before it could be interrupted: "
-                + (tmp_path / "first.log").read_text()[-3000:]
-            )
-            time.sleep(3)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state records the finished trial
-            finished_before = {e["trial_id"] for e in _events(events) if e["event"] == "complete"}
-            assert finished_before, (tmp_path / "first.log").read_text()[-3000:]
-        finally:
-            # The whole session: the Tune driver, its local Ray and the trial workers (all started here).
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
-    kill_time = time.time()
-
-    second = subprocess.run(
-        _tune_cmd(shards, tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
-    )
-    print(f"sweep (killed + resumed) took {time.time() - t0:.1f}s")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "resuming the sweep" in second.stdout + second.stderr
-
-    after = [e for e in _events(events) if e["time"] > kill_time]
-    rerun = {e["trial_id"] for e in after if e["event"] == "start"} & finished_before
-    assert not rerun, f"finished trials ran again after resume: {rerun}"
+    tcfg = load_tune_config(DEBUG, [f"output_dir={tmp_path}"], train_overrides=[f"data.shards={shards}"])
+    assert (tcfg.num_samples, tcfg.max_concurrent) == (4, 2)
+    out = run_sweep(tcfg, verbose=0)
+    sweep = Path(out["sweep_dir"])
+    print(f"sweep took {time.time() - t0:.1f}s")
 
     rows = _read_rows(sweep / "results.csv")
-    assert len(rows) == 4 and {r["trial_id"] for r in rows} >= finished_before, rows
+    assert len(rows) == 4, rows
     statuses = [r["status"] for r in rows]
     assert "error" not in statuses, rows
     assert all(r["val_mse"] for r in rows)
@@ -148,19 +80,105 @@ def test_debug_sweep_killed_resumes_finishes_and_best_trains(shards, tmp_path):
                 node = getattr(node, part)
             assert str(node) == value or float(node) == pytest.approx(float(value)), key
 
-    # ... and it trains with the train entry point, as is (shortened to one epoch, into the temp dir).
-    trained = subprocess.run(
+    # ... and it trains with the train entry point (shortened, into the temp dir).
+    from revq_ray.train import main as train_main
+
+    rc = train_main(
         [
-            sys.executable, "-m", "revq_ray.train", "--config", str(sweep / "best.yaml"),
-            "--set", "train.epochs=1", "--set", f"output_dir={tmp_path / 'best_run'}",
-        ],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
-    assert (tmp_path / "best_run" / "debug-best" / "export" / "latest" / "model.safetensors").is_file()
+            "--config",
+            str(sweep / "best.yaml"),
+            "--set",
+            "train.epochs=1",
+            "--set",
+            f"output_dir={tmp_path / 'best_run'}",
+        ]
+    )
+    assert rc in (0, None)
+    assert (tmp_path / "best_run" / "debug-best").is_dir()
 
 
-def load_config_for_checks():
-    from revq_ray.tune import load_tune_config
+def _events(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-    return load_tune_config(DEBUG, [])
+
+def _tune_cmd(shards: Path, out: Path) -> list[str]:
+    # 2 trials of one epoch, one at a time: the kill lands after the first finished, inside the second.
+    # (ASHA's rung records are not part of Tune's saved state, so early stopping is checked on the
+    # uninterrupted sweep above, not across a resume.)
+    return [
+        sys.executable,
+        "-m",
+        "revq_ray.tune",
+        "--config",
+        str(DEBUG),
+        "--set",
+        f"output_dir={out}",
+        "--set",
+        "name=resume",
+        "--set",
+        "num_samples=2",
+        "--set",
+        "max_concurrent=1",
+        "--set",
+        "asha.max_t=1",
+        "--train-set",
+        f"data.shards={shards}",
+        "--num-cpus",
+        "8",
+    ]
+
+
+def test_killed_sweep_resumes_without_rerunning_finished_trials(shards, tmp_path):
+    # Snapshot Tune's experiment state every second (default: at most every 10 s) so a kill right after a
+    # trial finished still finds it recorded.
+    env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="1", RAY_DEDUP_LOGS="0")
+    events = tmp_path / "resume" / "trials.jsonl"
+    with open(tmp_path / "first.log", "w") as log1:
+        proc = subprocess.Popen(
+            _tune_cmd(shards, tmp_path),
+            cwd=ROOT,
+            env=env,
+            stdout=log1,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            # Kill once the first trial finished and the second one runs.
+            deadline = time.time() + 1200
+            while time.time() < deadline and proc.poll() is None:
+                ev = _events(events)
+                done = {e["trial_id"] for e in ev if e["event"] == "complete"}
+                if done and {e["trial_id"] for e in ev if e["event"] == "start"} - done:
+                    break
+                time.sleep(0.5)
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(5)  # > TUNE_GLOBAL_CHECKPOINT_S: the experiment state records both trials
+            finished_before = {e["trial_id"] for e in _events(events) if e["event"] == "complete"}
+            started_before = {e["trial_id"] for e in _events(events) if e["event"] == "start"}
+            assert finished_before, (tmp_path / "first.log").read_text()[-3000:]
+        finally:
+            # The whole session: the Tune driver, its local Ray and the trial workers (all started here).
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    kill_time = time.time()
+
+    second = subprocess.run(
+        _tune_cmd(shards, tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500
+    )
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming the sweep" in second.stdout + second.stderr
+
+    after = [e for e in _events(events) if e["time"] > kill_time]
+    rerun = {e["trial_id"] for e in after if e["event"] == "start"} & finished_before
+    assert not rerun, f"finished trials ran again after resume: {rerun}"
+    rows = _read_rows(tmp_path / "resume" / "results.csv")
+    assert len(rows) == 2 and {r["trial_id"] for r in rows} >= finished_before, rows
+    assert all(r["status"] != "error" for r in rows), rows
+    completed_after = {e["trial_id"] for e in after if e["event"] == "complete"}
+    assert completed_after and not (completed_after & finished_before)
+    # The interrupted trial (started, not finished) was continued, not dropped.
+    interrupted = started_before - finished_before
+    assert interrupted and interrupted <= completed_after, (interrupted, completed_after)
