@@ -72,7 +72,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         n = num_cpus or max(8, os.cpu_count() or 1)
         # A busy laptop can take more than Ray's default minute to register the raylet.
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
-        ray.init(num_cpus=n, include_dashboard=False)
+        # The dashboard (on 127.0.0.1; another free port when 8265 is taken) serves the state API that Ray
+        # Train's placement-group cleaner polls: without it the driver log fills with its warnings.
+        ray.init(num_cpus=n)
         _log(f"started a local Ray with {n} logical CPUs")
 
 

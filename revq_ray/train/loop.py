@@ -156,6 +156,19 @@ def _init_codebook(model: Any, cfg: RunConfig, plan: dict[str, Any]) -> None:
     )
 
 
+def _quiet_report_log() -> None:
+    """Ray Train logs every ``ray.train.report`` call with all its metrics at INFO; our own progress line says
+    the same in one line. Best effort: that logger is internal to Ray (named after its file)."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except Exception:  # a Ray without that module: keep its logs
+        pass
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. ``config = {"cfg": RunConfig dump, "plan": driver-computed facts}``."""
     import ray.train
@@ -164,6 +177,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from revq_ray.core.model import ReVQModel
     from revq_ray.core.stats import RunningStats
 
+    _quiet_report_log()
     cfg = RunConfig.model_validate(config["cfg"])
     plan: dict[str, Any] = config["plan"]
     tc = cfg.train

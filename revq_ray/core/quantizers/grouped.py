@@ -246,20 +246,34 @@ class GroupedVQ(CountsMixin, Quantizer):
             cb = kmeans_plus_plus(x, self.codebook_size, generator, budget_mb=self.search_budget_mb)
             cb = lloyd(x, cb, self.kmeans_iters, budget_mb=self.search_budget_mb)
         else:
-            rows, t0, last = [], time.monotonic(), time.monotonic()
+            rows, short, t0, last = [], {}, time.monotonic(), time.monotonic()
             for g in range(self.tokens):
-                rows.append(self._sample_distinct(x[:, g], generator, g))
+                row, n_distinct = self._sample_distinct(x[:, g], generator)
+                rows.append(row)
+                if n_distinct < self.codebook_size:
+                    short[g] = n_distinct
                 if time.monotonic() - last > 10:  # progress on long inits (large G and K)
                     last = time.monotonic()
                     log.info("codebook init: %d/%d groups (%.0f s)", g + 1, self.tokens, last - t0)
+            if short:
+                # One warning for all groups (a per-group warning floods the log of a 512-group model).
+                noise = self.reset_cfg.noise if self.reset_cfg.noise > 0 else 0.1
+                worst = min(short, key=short.get)
+                warnings.warn(
+                    f"{len(short)} of {self.tokens} groups had fewer distinct init tokens than codebook_size="
+                    f"{self.codebook_size} (fewest: {short[worst]}, in group {worst}); the rest are filled "
+                    f"with noisy copies (std {noise}). Raise data.init_samples to sample more latents.",
+                    stacklevel=2,
+                )
             cb = torch.stack(rows)
         self.codebook.data.copy_(cb.to(self.codebook.dtype))
         self.counts.zero_()
 
     def _sample_distinct(
-        self, x_nd: torch.Tensor, generator: torch.Generator | None, group: int
-    ) -> torch.Tensor:
-        """K distinct token values of one group, drawn without replacement (duplicates would start dead)."""
+        self, x_nd: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, int]:
+        """K token values of one group, distinct where the data allow, drawn without replacement (duplicates
+        would start dead), and how many distinct values there were (< K: the rest are noisy copies)."""
         K, N = self.codebook_size, x_nd.shape[0]
         perm = torch.randperm(N, generator=generator)
         m = min(N, 2 * K)
@@ -275,18 +289,13 @@ class GroupedVQ(CountsMixin, Quantizer):
                 break
             m = min(N, 2 * m)
         picked = cand[order[:K]]
-        if picked.shape[0] < K:
-            n_have = picked.shape[0]
+        n_have = picked.shape[0]
+        if n_have < K:
             noise = self.reset_cfg.noise if self.reset_cfg.noise > 0 else 0.1
-            warnings.warn(
-                f"group {group}: only {n_have} distinct init tokens for codebook_size={K}; filling the rest "
-                f"with noisy copies (std {noise}). Raise data.init_samples to sample more latents.",
-                stacklevel=3,
-            )
             src = torch.randint(n_have, (K - n_have,), generator=generator)
             extra = picked[src] + noise * torch.randn(K - n_have, self.dim, generator=generator)
             picked = torch.cat([picked, extra])
-        return picked
+        return picked, n_have
 
     # -------------------------------------------------------------------------------------------- reset
     @torch.no_grad()
