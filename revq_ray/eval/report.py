@@ -80,6 +80,10 @@ def save_usage(counts_tk: torch.Tensor, path: str | Path, title: str = "") -> Pa
     a0.set_ylabel("%")
     a0.set_ylim(0, 105)
     a0.set_xlim(-0.5, t - 0.5)
+    n_items = int(counts[0].sum())
+    if 0 < n_items < k:
+        # A small evaluation set cannot hit more than n_items of a group's K codes: draw that ceiling.
+        a0.axhline(100 * n_items / k, color="k", ls="--", lw=0.8, label=f"ceiling: {n_items} items / K")
     a0.set_title(f"per-group usage: mean {usage.mean() * 100:.1f}%, perplexity/K {ppl.mean() * 100:.1f}%")
     a0.legend(loc="lower right", fontsize=8)
     flat = counts.flatten().numpy()
