@@ -1,7 +1,7 @@
 """README results, images: Fashion-MNIST through the pre-trained taef2 autoencoder, tokenized at several bit
 budgets, against the VAE alone; plus plain VQ (no reset, no rectifier) at equal bits.
 
-    python benchmarks/results_fmnist.py [--shared ../shared] [--out runs/results_fmnist] [--steps 600]
+    python benchmarks/results_fmnist.py [--shared ../shared] [--out runs/results_fmnist] [--steps 300]
 
 1. the last ``--val-items`` Fashion-MNIST images are written as PNG files (held out: never trained on);
 2. the first ``--train-items`` images and the held-out PNGs are encoded to latent shards (Ray Data, taef2 at
@@ -88,7 +88,7 @@ def train_cfg(name: str, row: str, tokens: int, k: int, args, shards: Path, val:
             "torch_threads": args.threads,
             "zero_stage": 0,
             "precision": "fp32",
-            "batch_size": 256,
+            "batch_size": args.batch,
             "epochs": 1000,
             "max_steps": args.steps,
             "lr": 0.01,
@@ -114,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "results_fmnist")
     p.add_argument("--train-items", type=int, default=8192)
     p.add_argument("--val-items", type=int, default=512)
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--rect-width", type=int, default=128)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--rect-width", type=int, default=64)
     p.add_argument("--rect-depth", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="", help="comma-separated subset of row names (default: all)")
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 "codebook_size": k,
                 "bits_per_image": cfg.model.quantizer.bits_per_sample,
                 "steps": args.steps,
+                "batch_size": args.batch,
                 "train_s": round(train_s, 1),
                 "val_mse": result.metrics.get("val_mse"),
                 "val_mse_norect": result.metrics.get("val_mse_norect"),

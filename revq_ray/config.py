@@ -149,7 +149,8 @@ class TrainConfig(_Section):
         False,
         description="revq/vq: sparse codebook gradients + lazy row-sparse AdamW (core.optim.RowSparseAdamW):"
         " only rows looked up in a step are updated; rows without gradient keep their moments and do not"
-        " move (dense AdamW decays and moves them). ZeRO stage 0 only",
+        " move (dense AdamW decays and moves them). Core API only (core.optim.build_train_optimizer): the"
+        " DeepSpeed trainer refuses it",
     )
     fused_optimizer: bool = Field(
         False,
@@ -157,7 +158,8 @@ class TrainConfig(_Section):
     )
     channels_last: bool = Field(
         False,
-        description="rectifier convs in channels_last layout (faster on CPU; same results to rounding)",
+        description="rectifier convs in channels_last layout (faster on CPU; same results to rounding);"
+        " ZeRO stage 0 only",
     )
     log_every: int = Field(50, ge=1, description="steps between metric reports")
     val_every: int = Field(0, ge=0, description="steps between validation passes; 0 = once per epoch")

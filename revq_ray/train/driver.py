@@ -119,6 +119,10 @@ def plan_run(
 
     tc = cfg.train
     micro = eng.per_worker_batch(tc)
+    try:
+        eng.check_fast_paths(tc)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if tc.zero_stage > 2:
         eng.deepspeed_config(tc, tc.num_workers)  # raises the explanatory error
     manifest = read_manifest(cfg.data.shards)

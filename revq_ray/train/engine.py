@@ -65,6 +65,21 @@ def per_worker_batch(train: TrainConfig) -> int:
     return train.batch_size // train.num_workers
 
 
+def check_fast_paths(train: TrainConfig) -> None:
+    """Refuse fast-path options the DeepSpeed trainer cannot honour, before any worker starts."""
+    if train.sparse_codebook_optimizer:
+        raise ValueError(
+            "train.sparse_codebook_optimizer=true: the row-sparse lazy AdamW (revq_ray.core.optim) is not "
+            "wired into the DeepSpeed trainer yet (DeepSpeed reduces and steps dense gradients). Use it from "
+            "your own loop with revq_ray.core.optim.build_train_optimizer, or set it back to false"
+        )
+    if train.channels_last and train.zero_stage != 0:
+        raise ValueError(
+            f"train.channels_last=true needs train.zero_stage=0 (got {train.zero_stage}): ZeRO 1/2 flatten "
+            "parameters into contiguous buffers; set one of them back"
+        )
+
+
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for ``train`` on ``world_size`` ranks."""
     if train.zero_stage > 2:
@@ -88,6 +103,9 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
                 "eps": 1e-8,
                 "weight_decay": 0.0,
                 "torch_adam": True,
+                # DeepSpeed hands the remaining params to torch.optim.AdamW: its fused kernel (CPU and CUDA)
+                # gives the same update to rounding in far fewer passes over the codebook.
+                **({"fused": True} if train.fused_optimizer else {}),
             },
         },
         # Clipping is per module and done by clip_grad_norms_ (DeepSpeed's is one global norm).
@@ -155,6 +173,7 @@ def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple
     Reuses the process group Ray Train created (gloo on CPU, NCCL on GPU)."""
     import deepspeed
 
+    check_fast_paths(train)
     groups = param_groups(model, train)
     names = [g.pop("name") for g in groups]
     base = [g.pop("base_lr") for g in groups]
@@ -164,6 +183,11 @@ def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple
     # DeepSpeed rebuilds the group dicts; remember the base lr on the live ones for the schedule.
     for g, lr in zip(optimizer.param_groups, base):
         g["base_lr"] = lr
+    if train.channels_last:
+        # After initialize: DeepSpeed's initial broadcast views parameters as bytes and needs the default
+        # layout. Module.to swaps each conv weight's data in place (same Parameter objects, so the optimizer
+        # still holds them; its state is created at the first step); values are unchanged.
+        model.rectifier.to(memory_format=torch.channels_last)
     return engine, names
 
 

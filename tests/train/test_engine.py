@@ -64,7 +64,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, stage: int, results: dict) -> None:
+def _worker(rank: int, world: int, port: int, stage: int, results: dict, fast: bool = False) -> None:
     import os
 
     os.environ.update(
@@ -89,7 +89,15 @@ def _worker(rank: int, world: int, port: int, stage: int, results: dict) -> None
             return t
 
         model.set_reduce_fn(reduce_fn)
-        t = TrainConfig(batch_size=8 * world, num_workers=world, zero_stage=stage, lr=0.05, grad_clip=0.05)
+        t = TrainConfig(
+            batch_size=8 * world,
+            num_workers=world,
+            zero_stage=stage,
+            lr=0.05,
+            grad_clip=0.05,
+            fused_optimizer=fast,
+            channels_last=fast,
+        )
         engine, names = eng.build_engine(model, t, world)
         g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
         resets = 0
@@ -105,8 +113,9 @@ def _worker(rank: int, world: int, port: int, stage: int, results: dict) -> None
                 assert isinstance(report, ResetReport) and report.count > 0
                 eng.apply_reset_to_optimizer(engine, report)
                 resets += report.count
-        results[f"{stage}/{rank}"] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
-        results[f"{stage}/{rank}/resets"] = resets
+        key = f"{stage}{'fast' if fast else ''}/{rank}"
+        results[key] = {k: v.detach().contiguous().clone() for k, v in engine.module.state_dict().items()}
+        results[f"{key}/resets"] = resets
     finally:
         dist.destroy_process_group()
 
@@ -130,3 +139,26 @@ def test_zero2_matches_zero0_with_clipping_and_resets():
         if k.endswith("counts"):
             continue
         torch.testing.assert_close(res["2/0"][k], v, rtol=1e-5, atol=1e-6, msg=f"ZeRO 2 != ZeRO 0 at {k}")
+
+
+def test_fast_paths_through_deepspeed_match_the_plain_engine():
+    """train.fused_optimizer (torch's fused AdamW inside DeepSpeed) and train.channels_last (rectifier convs)
+    follow the plain engine's trajectory, resets included, to rounding."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        for fast in (False, True):
+            mp.start_processes(_worker, args=(1, _free_port(), 0, out, fast), nprocs=1, start_method="spawn")
+        res = dict(out)
+    assert res["0fast/0/resets"] == res["0/0/resets"] > 0
+    for k, v in res["0/0"].items():
+        torch.testing.assert_close(res["0fast/0"][k], v, rtol=1e-5, atol=1e-6, msg=f"fast != plain at {k}")
+
+
+def test_fast_path_options_the_trainer_cannot_honour_are_refused():
+    with pytest.raises(ValueError, match="train.sparse_codebook_optimizer"):
+        eng.check_fast_paths(TrainConfig(sparse_codebook_optimizer=True))
+    with pytest.raises(ValueError, match="train.channels_last=true needs train.zero_stage=0"):
+        eng.check_fast_paths(TrainConfig(channels_last=True, zero_stage=2))
+    eng.check_fast_paths(TrainConfig(channels_last=True, fused_optimizer=True))
+    assert eng.deepspeed_config(TrainConfig(fused_optimizer=True), 1)["optimizer"]["params"]["fused"] is True
