@@ -235,6 +235,10 @@ def build_trainer(
             ``ray.tune.integration.ray_train.TuneReportCallback()`` inside a Tune trial.
     """
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Train gives a worker group 60 s to start, then fails the run. On a busy machine (2 cores shared by
+    # Ray Data, Tune trials and other jobs) starting a worker takes longer; the driver's value is propagated
+    # to the controller. An autoscaling cluster that must first add a node needs minutes too.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "900")
     import ray.train
     from ray.train.torch import TorchTrainer
 
