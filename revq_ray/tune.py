@@ -572,7 +572,9 @@ def run_sweep(
     from ray.tune.search.optuna import OptunaSearch
 
     if not ray.is_initialized():
-        ray.init()
+        from revq_ray.train.driver import init_ray
+
+        init_ray()
 
     base_data = apply_overrides(load_yaml(tcfg.base), tcfg.overrides)
     base = parse_config(base_data, RunConfig)
@@ -974,7 +976,7 @@ def main(argv: list[str] | None = None) -> int:
         "--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)"
     )
     parser.add_argument(
-        "--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: cores)"
+        "--num-cpus", type=int, default=None, help="logical CPUs of a local Ray (default: max(8, cores))"
     )
     parser.add_argument(
         "--restart-errored", action="store_true", help="on resume, re-run trials that errored"
@@ -995,11 +997,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     if not ray.is_initialized():
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=args.num_cpus)
+        from revq_ray.train.driver import init_ray
+
+        # The same start-up as revq_ray.train: join a cluster, or a local Ray with logical CPUs above the
+        # core count (with only "cores" of them, concurrent trials' workers and Ray Data starve each other).
+        init_ray(args.address, num_cpus=args.num_cpus)
     try:
         out = run_sweep(tcfg, restart_errored=args.restart_errored)
     except ConfigError as err:
