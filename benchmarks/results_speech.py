@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared", type=Path, default=Path(os.environ.get("REVQ_SHARED", ROOT.parent / "shared")))
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "results_speech")
     p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "results_speech.json")
     args = p.parse_args(argv)
     src = args.shared / "data" / "speech16k"
