@@ -57,25 +57,18 @@ def write_val_pngs(idx: Path, out: Path, n: int) -> Path:
     return out
 
 
-def train_cfg(name: str, row: str, tokens: int, k: int, args, shards: Path, val: Path, spec: str) -> dict:
-    from revq_ray.compare import ROWS as METHOD_ROWS
+def train_cfg(row: str, tokens: int, k: int, args, shards: Path, val: Path, spec: str) -> dict:
+    """One row's training config: this base, shaped by ``revq_ray.compare.row_config`` (the same rows, bits
+    and run naming as ``revq-ray compare``)."""
+    from revq_ray.compare import row_config
 
-    cfg: dict = {
-        "name": name.replace(" ", "_"),
-        "output_dir": str(args.out / "runs"),
+    base: dict = {
         "seed": 0,
         "vae": spec,
-        "data": {
-            "shards": str(shards),
-            "val_shards": str(val),
-            "shuffle_buffer": 2048,
-            "prefetch_batches": 2,
-        },
+        "data": {"shuffle_buffer": 2048, "prefetch_batches": 2},
         "model": {
             "quantizer": {
                 "type": "revq",
-                "tokens": tokens,
-                "codebook_size": k,
                 "init": "sample",
                 "reset": {"enabled": True, "unit": "steps", "interval": 50},
             },
@@ -89,8 +82,6 @@ def train_cfg(name: str, row: str, tokens: int, k: int, args, shards: Path, val:
             "zero_stage": 0,
             "precision": "fp32",
             "batch_size": args.batch,
-            "epochs": 1000,
-            "max_steps": args.steps,
             "lr": 0.01,
             "log_every": 50,
             "val_every": max(1, args.steps // 4),
@@ -99,13 +90,16 @@ def train_cfg(name: str, row: str, tokens: int, k: int, args, shards: Path, val:
             "max_failures": 0,
         },
     }
-    for dotted, value in METHOD_ROWS[row][1].items():
-        node = cfg["model"]
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return cfg
+    return row_config(
+        base,
+        row,
+        shards=str(shards),
+        val_shards=str(val),
+        tokens=tokens,
+        k=k,
+        steps=args.steps,
+        output=args.out,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row, tokens, k in ROWS:
         if wanted and name not in wanted:
             continue
-        cfg = parse_config(train_cfg(name, row, tokens, k, args, shards, val_shards, spec))
+        cfg = parse_config(train_cfg(row, tokens, k, args, shards, val_shards, spec))
         t = time.perf_counter()
         result = run(cfg)
         if result.error:
@@ -203,23 +197,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(res: dict) -> str:
-    def g(s: dict, *keys: str) -> str:
-        for k in keys:
-            if k in s and s[k] is not None:
-                v = s[k]
-                return f"{v:.2f}" if isinstance(v, float) else str(v)
-        return "-"
-
+    """The README's table (held-out metrics from each row's evaluation)."""
     lines = [
-        "| tokenizer | bits/image | PSNR VAE only (dB) | PSNR tokenized (dB) | SSIM tokenized "
-        "| latent MSE | usage |",
+        "| tokenizer | bits / image | PSNR VAE only | PSNR tokenized | SSIM tokenized "
+        "| latent MSE without -> with rectifier | held-out usage |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["rows"]:
         s = r["summary"]
         lines.append(
-            f"| {r['name']} | {r['bits_per_image']:g} | {g(s, 'psnr_vae_only')} | {g(s, 'psnr_tokenized')} | "
-            f"{g(s, 'ssim_tokenized')} | {r['val_mse']:.4f} | {100 * (r['usage'] or 0):.1f}% |"
+            f"| {r['name']} | {r['bits_per_image']:g} | {s['psnr_vae_only']:.2f} dB | "
+            f"{s['psnr_tokenized']:.2f} dB | {s['ssim_tokenized']:.3f} | "
+            f"{s['latent_mse_std_without_rectifier']:.4f} -> "
+            f"{s['latent_mse_std_with_rectifier']:.4f} | {100 * s['usage_mean']:.1f}% |"
         )
     return "\n".join(lines)
 
