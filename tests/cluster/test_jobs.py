@@ -188,9 +188,7 @@ def test_tune_debug_runs_as_a_job_with_token_auth(ray_head, tmp_path):
             RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT),
             "--", "python", "-m", "revq_ray.tune", "--config", "tuning/debug.yaml",
             # One trial of one epoch keeps the job short: the job path is under test; tests/tune runs sweeps.
-            "--set", "num_samples=1",
-            # One epoch per trial: the job path is under test here; tests/tune covers ASHA over epochs.
-            "--set", "asha.max_t=1",
+            "--set", "num_samples=1", "--set", "asha.max_t=1",
             "--set", f"output_dir={out}", "--train-set", f"data.shards={shards}",
         ],
         env=env, capture_output=True, text=True, timeout=1500,
