@@ -60,7 +60,10 @@ class QuantizerConfig(_Section):
     init: Literal["sample", "kmeans++", "random"] = "sample"
     kmeans_iters: int = Field(0, ge=0, description="Lloyd iterations after k-means++ seeding (init=kmeans++)")
     search_budget_mb: float = Field(
-        256.0, gt=0.0, description="peak extra memory of the nearest-code search, however large K is"
+        0.0,
+        ge=0.0,
+        description="peak extra memory of the nearest-code search, however large K is; 0 = auto (256 MB on"
+        " CPU, a quarter of the free GPU memory, at most 16 GiB)",
     )
     reset: ResetConfig = Field(default_factory=ResetConfig)
     simvq_shared: bool = Field(False, description="simvq: one linear map shared by all groups")

@@ -35,6 +35,7 @@ from torch import nn
 
 from revq_ray.config import ModelConfig, parse_config
 from revq_ray.core.layout import TokenLayout
+from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers import QuantOut, ReduceFn, build_quantizer
 from revq_ray.core.rectifiers import build_rectifier
 from revq_ray.core.standardizer import Standardizer
@@ -152,7 +153,9 @@ class ReVQModel(
         return latents.to(self.standardizer.mean.dtype)
 
     def _quantize(self, z: torch.Tensor, z_std: torch.Tensor, logvar: torch.Tensor | None) -> QuantOut:
-        """Run the quantizer in its own units: standardized tokens, or (GQ) the VAE's raw posterior."""
+        """Run the quantizer in its own units: standardized tokens, or (GQ) the VAE's raw posterior.
+
+        Always fp32 with autocast off (see :mod:`revq_ray.core.precision`): the caller holds that region."""
         if not self._raw_units:
             return self.quantizer(self.layout.to_tokens(z_std))
         # GQ's codebook is samples of the VAE's N(0, I) prior, so it must see the posterior (mean, log-var)
@@ -168,8 +171,11 @@ class ReVQModel(
         return self.standardizer(q) if self._raw_units else q
 
     def _rectify_and_destandardize(self, q_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rectified_std = self.rectifier(q_std)
-        return rectified_std, self.standardizer.inverse(rectified_std)
+        # The rectifier is the one part that may run under autocast (bf16); its output is brought back to
+        # fp32 (a differentiable cast) before de-standardizing and before any loss.
+        rectified_std = as_fp32(self.rectifier(q_std))
+        with full_precision(rectified_std.device):
+            return rectified_std, self.standardizer.inverse(rectified_std)
 
     @contextlib.contextmanager
     def _eval_quantizer(self) -> Iterator[None]:
@@ -189,21 +195,25 @@ class ReVQModel(
         by the other methods.
         """
         z = self._check(latents, logvar)
-        z_std = self.standardizer(z)
-        qout = self._quantize(z, z_std, logvar)
-        if "rect" in qout.losses:
-            raise RuntimeError("the quantizer returned a loss named 'rect', which the rectifier's loss uses")
-        if self.cfg.quantizer.loss == "joint":
-            # One objective ||z - g(q(z))||^2: the rectifier's loss also trains the codebook, through the
-            # (differentiable) code lookup. The quantizer's straight-through output would send this gradient
-            # to the frozen latents instead, where nothing learns from it.
-            q_btd = self.quantizer.codes(qout.ids_bt)
-        else:
-            # Decoupled (reference): the rectifier learns on fixed codes and never pushes the codebook.
-            q_btd = qout.quantized_btd.detach()
-        q_std = self._to_std(q_btd)
+        with full_precision(z.device):  # standardize, search, gather, quantizer losses: fp32 always
+            z_std = self.standardizer(z)
+            qout = self._quantize(z, z_std, as_fp32(logvar))
+            if "rect" in qout.losses:
+                raise RuntimeError(
+                    "the quantizer returned a loss named 'rect', which the rectifier's loss uses"
+                )
+            if self.cfg.quantizer.loss == "joint":
+                # One objective ||z - g(q(z))||^2: the rectifier's loss also trains the codebook, through the
+                # (differentiable) code lookup. The quantizer's straight-through output would send this
+                # gradient to the frozen latents instead, where nothing learns from it.
+                q_btd = self.quantizer.codes(qout.ids_bt)
+            else:
+                # Decoupled (reference): the rectifier learns on fixed codes and never pushes the codebook.
+                q_btd = qout.quantized_btd.detach()
+            q_std = self._to_std(q_btd)
         rectified_std, latents_rec = self._rectify_and_destandardize(q_std)
-        losses = {**qout.losses, "rect": F.mse_loss(rectified_std.float(), z_std.float())}
+        with full_precision(z.device):
+            losses = {**qout.losses, "rect": F.mse_loss(rectified_std, z_std)}
         return ModelOut(
             latents_rec=latents_rec,
             ids_bt=qout.ids_bt,
@@ -221,8 +231,8 @@ class ReVQModel(
         ``logvar`` as in :meth:`forward` (GQ only).
         """
         z = self._check(latents, logvar)
-        with self._eval_quantizer():
-            ids_bt = self._quantize(z, self.standardizer(z), logvar).ids_bt
+        with self._eval_quantizer(), full_precision(z.device):
+            ids_bt = self._quantize(z, self.standardizer(z), as_fp32(logvar)).ids_bt
         return ids_bt.long()
 
     def decode(self, ids_bt: torch.Tensor) -> torch.Tensor:
@@ -242,16 +252,17 @@ class ReVQModel(
                 f"ids out of range [0, {self.codebook_size}): "
                 f"min {int(ids_bt.min())}, max {int(ids_bt.max())}"
             )
-        q_std = self._to_std(self.quantizer.codes(ids_bt.long()))
+        with full_precision(ids_bt.device):
+            q_std = self._to_std(self.quantizer.codes(ids_bt.long()))
         return self._rectify_and_destandardize(q_std)[1]
 
     @torch.no_grad()
     def quantize_only(self, latents: torch.Tensor, logvar: torch.Tensor | None = None) -> torch.Tensor:
         """Raw latents -> quantized raw latents, no rectifier (for "MSE without rectifier" metrics)."""
         z = self._check(latents, logvar)
-        with self._eval_quantizer():
-            q = self.layout.to_latent(self._quantize(z, self.standardizer(z), logvar).quantized_btd)
-        return q if self._raw_units else self.standardizer.inverse(q)
+        with self._eval_quantizer(), full_precision(z.device):
+            q = self.layout.to_latent(self._quantize(z, self.standardizer(z), as_fp32(logvar)).quantized_btd)
+            return q if self._raw_units else self.standardizer.inverse(q)
 
     @torch.no_grad()
     def init_codebook(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:

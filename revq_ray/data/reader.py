@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
 import os
+import tarfile
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ import numpy as np
 
 from revq_ray.data import fs as _fs
 from revq_ray.data.shards import Manifest, read_manifest
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.data
@@ -351,3 +355,83 @@ def sample_init_tokens(
         if numel % layout_tokens:
             raise ValueError(f"layout_tokens={layout_tokens} does not divide the latent size {numel}")
     return torch.from_numpy(_sample_groups(shards, layout_tokens, n, seed, filesystem)[0])
+
+
+# --------------------------------------------------------------------------------------------- bounded init
+def _read_shard_latents(
+    fs: Any, path: str, decoder: _LatentDecoder, threshold: int | None
+) -> tuple[list[np.ndarray], int]:
+    """The training latents of one tar shard (hold-out keys dropped) and how many members were unusable."""
+    out: list[np.ndarray] = []
+    bad = 0
+    with fs.open_input_stream(path, compression=None) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            base = os.path.basename(member.name)
+            key, _, ext = base.partition(".")
+            if ext != "latent.npy" or not member.isfile():
+                continue
+            if threshold is not None and is_val_key(key, threshold):
+                continue
+            data = tar.extractfile(member).read()  # type: ignore[union-attr]
+            try:
+                out.append(decoder._npy({"__key__": key, "__url__": path, "latent.npy": data}, "latent.npy"))
+            except LatentDataError:
+                bad += 1
+    return out, bad
+
+
+def sample_init_tokens_bounded(
+    shards: str | os.PathLike | Manifest,
+    layout_tokens: int,
+    n: int,
+    seed: int = 0,
+    *,
+    val_items: int = 0,
+    filesystem: Any = None,
+) -> tuple[torch.Tensor, dict[str, int]]:
+    """Codebook-init tokens from a *bounded* number of shards: ``(tokens_ntd, info)``.
+
+    Shards are visited in a seeded random order and read whole (no Ray Data, no pass over the dataset) until
+    they hold ``n`` training latents, so the cost is about ``n`` latents however large the dataset is: seconds
+    where :func:`sample_init_tokens` streams everything. Each of the ``layout_tokens`` groups then takes its
+    own seeded permutation of those latents, so row i of two groups comes from different latents. Latents in
+    the hash hold-out of ``val_items`` (see :func:`train_val_datasets`) are never used; unreadable members
+    and shards are skipped and counted. Deterministic for ``seed``. ``info``: shards read, latents read,
+    members and shards skipped.
+    """
+    import torch
+
+    if layout_tokens < 1 or n < 1:
+        raise ValueError(f"layout_tokens={layout_tokens}, n={n}: need at least one token and one sample")
+    manifest = _as_manifest(shards, filesystem)
+    numel = math.prod(manifest.latent_shape)
+    if numel % layout_tokens:
+        raise ValueError(f"layout_tokens={layout_tokens} does not divide the latent size {numel}")
+    fs, _ = _fs.resolve(manifest.root or ".", filesystem)
+    threshold = val_threshold(manifest.count, val_items) if val_items else None
+    decoder = _LatentDecoder(tuple(manifest.latent_shape), manifest.dtype, False, False)
+    order = np.random.default_rng([seed, 0x1A17]).permutation(len(manifest.shards))
+    latents: list[np.ndarray] = []
+    info = {"shards_read": 0, "latents": 0, "members_skipped": 0, "shards_skipped": 0}
+    for i in order:
+        if len(latents) >= n:
+            break
+        path = _fs.resolve(_fs.join(manifest.root, manifest.shards[i].name), filesystem)[1]
+        try:
+            got, bad = _read_shard_latents(fs, path, decoder, threshold)
+        except (OSError, EOFError, tarfile.TarError) as err:  # a truncated or corrupt shard
+            log.warning("codebook init: shard %s unreadable (%s); skipped", path, err)
+            info["shards_skipped"] += 1
+            continue
+        latents.extend(got)
+        info["shards_read"] += 1
+        info["members_skipped"] += bad
+    if not latents:
+        raise ValueError(f"no readable training latents for codebook init in {manifest.root or shards}")
+    z = np.stack(latents).reshape(len(latents), layout_tokens, -1)  # (m, G, d)
+    info["latents"] = m = len(z)
+    take = min(n, m)
+    rng = np.random.default_rng([seed, 0x7E57])
+    idx = np.stack([rng.permutation(m)[:take] for _ in range(layout_tokens)], axis=1)  # (take, G)
+    out = np.take_along_axis(z, idx[:, :, None], axis=0)
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)), info

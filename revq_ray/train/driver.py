@@ -22,14 +22,16 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
-from revq_ray.core.layout import TokenLayout
-from revq_ray.train import engine as eng
+from revq_ray.train.plan import ensure_shards, plan_run, resolve_paths
+
+# Kept importable from here for callers of earlier versions (tune imports these names).
+_ensure_shards = ensure_shards
+__all__ = ["build_trainer", "run", "main", "init_ray", "plan_run", "resolve_paths", "worker_env"]
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.train
@@ -40,15 +42,6 @@ DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "revq_ray" / "torch_extensions
 
 def _log(msg: str) -> None:
     print(f"[revq_ray.train] {msg}", flush=True)
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _abs(path: str) -> str:
-    """Local paths become absolute (workers do not share the driver's working directory); URIs stay."""
-    return path if not path or _is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 # --------------------------------------------------------------------------------------------- ray
@@ -85,123 +78,6 @@ def quiet_data_progress() -> None:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-
-
-# --------------------------------------------------------------------------------------------- planning
-def _ensure_shards(cfg: RunConfig) -> None:
-    """Write synthetic shards where ``data.shards`` points if it holds none and ``train.synthetic_items`` > 0
-    (the debug preset does this, so it runs anywhere with no data)."""
-    shards = cfg.data.shards
-    if not shards or _is_uri(shards) or (Path(shards) / "manifest.json").is_file():
-        return
-    n = cfg.train.synthetic_items
-    if n <= 0:
-        return
-    from revq_ray.data.synthetic import write_synthetic_shards
-
-    shape = cfg.train.synthetic_latent_shape
-    _log(
-        f"data.shards={shards} holds no manifest.json: writing {n} synthetic latents of shape {shape} there "
-        "(train.synthetic_items > 0; point data.shards at real latents from `python -m revq_ray.encode` "
-        "instead)"
-    )
-    write_synthetic_shards(shards, n, shape, with_logvar=True, seed=cfg.seed)
-
-
-def plan_run(
-    cfg: RunConfig, *, storage_path: str | None = None, run_name: str | None = None
-) -> dict[str, Any]:
-    """Read the manifest(s), check the config against the data, and compute the run's fixed facts.
-
-    Returns the ``plan`` the workers get, plus the datasets under ``"_datasets"``."""
-    from revq_ray.data.reader import train_val_datasets
-    from revq_ray.data.shards import read_manifest
-
-    tc = cfg.train
-    micro = eng.per_worker_batch(tc)
-    try:
-        eng.check_fast_paths(tc)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    if tc.zero_stage > 2:
-        eng.deepspeed_config(tc, tc.num_workers)  # raises the explanatory error
-    manifest = read_manifest(cfg.data.shards)
-    TokenLayout(manifest.latent_shape, cfg.model.quantizer.tokens)  # raises naming model.quantizer.tokens
-    if cfg.model.quantizer.type == "gq" and not manifest.has_logvar:
-        raise ConfigError(
-            f"model.quantizer.type=gq needs the VAE posterior's log-variance, but data.shards="
-            f"{cfg.data.shards} holds latents only (manifest has_logvar=false). Encode with a Gaussian VAE "
-            "that exposes its posterior (python -m revq_ray.encode ... --logvar), or choose "
-            "model.quantizer.type revq, vq or simvq"
-        )
-    if manifest.stats is None:
-        raise ConfigError(
-            f"data.shards={cfg.data.shards}: the manifest has no latent statistics to standardize with"
-        )
-
-    t0 = time.time()
-    train_ds, val_ds = train_val_datasets(cfg.data, cfg.seed)
-    val_count = 0
-    if val_ds is not None:
-        # The hash hold-out reads every shard to find its rows: do it once here, not every validation.
-        val_ds = val_ds.materialize()
-        val_count = val_ds.count()
-        if val_count < tc.num_workers:
-            _log(
-                f"only {val_count} validation latents for {tc.num_workers} workers: reporting the training "
-                "loss as val_mse"
-            )
-            val_ds, val_count = None, 0
-    train_count = manifest.count if cfg.data.val_shards else manifest.count - val_count
-    per_worker_rows = train_count // tc.num_workers  # Ray Train splits evenly (equal=True)
-    spe = tc.steps_per_epoch or per_worker_rows // micro
-    if spe < 1:
-        raise ConfigError(
-            f"{train_count} training latents over {tc.num_workers} workers do not fill one batch of "
-            f"{micro} per worker: lower train.batch_size (global {tc.batch_size}) or add data"
-        )
-    total = tc.epochs * spe
-    if tc.max_steps:
-        total = min(total, tc.max_steps)
-
-    storage = _abs(storage_path or cfg.output_dir)
-    name = run_name or cfg.name
-    if _is_uri(storage):
-        run_dir = str(Path.home() / ".cache" / "revq_ray" / "runs" / name)
-    else:
-        run_dir = str(Path(storage) / name)
-    datasets = {"train": train_ds}
-    if val_ds is not None:
-        datasets["val"] = val_ds
-    _log(
-        f"data {cfg.data.shards}: {train_count} train / {val_count} val latents of shape "
-        f"{manifest.latent_shape} "
-        f"({time.time() - t0:.1f}s to plan)"
-    )
-    return {
-        "latent_shape": list(manifest.latent_shape),
-        "has_logvar": bool(manifest.has_logvar),
-        "stats": manifest.stats,
-        "vae": manifest.vae,
-        "train_count": train_count,
-        "val_count": val_count,
-        "has_val": val_ds is not None,
-        "micro_batch": micro,
-        "steps_per_epoch": spe,
-        "total_steps": total,
-        "storage_path": storage,
-        "name": name,
-        "run_dir": run_dir,
-        "_datasets": datasets,
-    }
-
-
-def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` with local paths made absolute."""
-    data = cfg.data.model_copy(
-        update={"shards": _abs(cfg.data.shards), "val_shards": _abs(cfg.data.val_shards)}
-    )
-    return cfg.model_copy(update={"data": data, "output_dir": _abs(cfg.output_dir)})
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:
@@ -245,9 +121,8 @@ def build_trainer(
     init_ray()
     quiet_data_progress()
     cfg = resolve_paths(cfg)
-    _ensure_shards(cfg)
-    plan = plan_run(cfg, storage_path=storage_path, run_name=run_name)
-    datasets = plan.pop("_datasets")
+    ensure_shards(cfg)
+    plan, datasets = plan_run(cfg, storage_path=storage_path, run_name=run_name)
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
     if tc.use_gpu:
@@ -259,8 +134,8 @@ def build_trainer(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
-            name=plan["name"],
-            storage_path=plan["storage_path"],
+            name=plan.name,
+            storage_path=plan.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             callbacks=list(callbacks),
@@ -339,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # Ray Train's TrainingFailedError and friends: the workers' error, non-zero exit
+        print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+    if getattr(result, "error", None) is not None:
+        print(f"error: training failed: {result.error}", file=sys.stderr)
+        return 1
     m = result.metrics or {}
     val = m.get("val_mse", float("nan"))
     _log(

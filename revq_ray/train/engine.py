@@ -18,9 +18,11 @@ The reference recipe, made ZeRO-aware:
   * stage 3 (partitioned parameters): not supported by this trainer (codebooks are gathered by rows in the
     nearest-code search, which would need every partition); :func:`deepspeed_config` refuses it.
 
-- Precision ``bf16`` means ``torch.autocast`` (DeepSpeed's ``torch_autocast``): parameters, gradients and
-  optimizer state stay fp32 (codebooks keep full precision; the nearest-code search is not done in bf16 by
-  a bf16 copy of the codebook), matmuls and convs of the rectifier run in bf16.
+- Precision ``bf16`` means ``torch.autocast`` (DeepSpeed's ``torch_autocast``, which wraps the whole
+  forward): parameters, gradients, their all-reduce and the optimizer state stay fp32; the rectifier's
+  matmuls and convs run in bf16. The quantizer switches autocast off around the nearest-code search, the
+  code gather, its losses and the codebook update (:mod:`revq_ray.core.precision`), so the trainer picks
+  exactly the codes the fp32 Tokenizer picks (tested under CPU bf16 autocast).
 
 Reset plumbing: a non-activation reset overwrites codebook rows in the module's parameter on every rank
 (identical values). Under ZeRO 1/2 the optimizer holds its own fp32 master copy of each rank's partition and
@@ -52,6 +54,16 @@ def resolve_precision(train: TrainConfig) -> str:
     if train.precision == "auto":
         return "bf16" if train.use_gpu else "fp32"
     return train.precision
+
+
+def autocast(train: TrainConfig, device: torch.device) -> Any:
+    """The autocast context of the training forward (bf16 when ``train.precision`` resolves to it), for
+    passes that call the module directly (validation) instead of through the engine."""
+    return torch.autocast(
+        device_type=device.type if device.type in ("cpu", "cuda") else "cpu",
+        dtype=torch.bfloat16,
+        enabled=resolve_precision(train) == "bf16",
+    )
 
 
 def per_worker_batch(train: TrainConfig) -> int:
@@ -125,7 +137,10 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
             }
         )
     if resolve_precision(train) == "bf16":
-        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # No module is "lower-precision safe": DeepSpeed would otherwise tag every Linear/Conv parameter with
+        # comm_dtype=bf16 and all-reduce those gradients in bf16. Gradients stay fp32 end to end; autocast
+        # only changes the rectifier's matmuls (the quantizer turns it off, revq_ray/core/precision.py).
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return cfg
 
 
@@ -221,37 +236,36 @@ def _group_params(engine: Any) -> list[list[torch.nn.Parameter]]:
 
 
 @torch.no_grad()
-def clip_grad_norms_(engine: Any, names: list[str], max_norm: float) -> dict[str, float]:
+def clip_grad_norms_(engine: Any, names: list[str], max_norm: float) -> dict[str, torch.Tensor]:
     """Clip each param group's gradient norm to ``max_norm`` in place (0 = measure only).
 
-    Call after ``engine.backward`` and before ``engine.step``. Returns the pre-clip norm of every group.
+    Call after ``engine.backward`` and before ``engine.step``. Returns the pre-clip norm of every group as a
+    0-dim tensor on the device: nothing here waits for the device (call ``float()`` only when logging), and
+    no fp64 copy of a gradient is made (``torch._foreach_norm`` reads each fragment once, in its own dtype,
+    the same arithmetic as :func:`revq_ray.core.optim.clip_grad_norms_` and ``clip_grad_norm_``).
     Collective at ZeRO 1/2 (one all-reduce of a (groups,) vector): every rank must call it.
     """
     import torch.distributed as dist
 
     groups = _group_params(engine)
     partitioned = any(_is_partitioned(p) for g in groups for p in g)
-    sq = torch.zeros(len(groups), dtype=torch.float64)
-    frags: list[list[torch.Tensor]] = []
-    for i, g in enumerate(groups):
-        fl = [f for f in (_grad_fragment(p) for p in g) if f is not None]
-        frags.append(fl)
-        for f in fl:
-            sq[i] += f.detach().double().pow(2).sum().cpu()
+    dev = next(iter(engine.module.parameters())).device
+    frags = [[f for f in (_grad_fragment(p) for p in g) if f is not None] for g in groups]
+    zero = torch.zeros((), dtype=torch.float32, device=dev)
+    # Squared norm of each group: sum of the squared per-fragment norms (fragments are disjoint).
+    sq = torch.stack(
+        [torch.stack(torch._foreach_norm(fl)).float().square().sum() if fl else zero for fl in frags]
+    )
     if partitioned and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # Fragments are disjoint slices of the averaged gradient: their squared sums add up exactly.
-        dev = next(iter(engine.module.parameters())).device
-        buf = sq.to(dev)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        sq = buf.cpu()
+        # Each rank holds disjoint slices of the averaged gradient: the squared sums add up exactly.
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)
     norms = sq.sqrt()
     if max_norm > 0:
+        coef = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
         for i, fl in enumerate(frags):
-            coef = max_norm / (float(norms[i]) + 1e-6)
-            if coef < 1.0:
-                for f in fl:
-                    f.mul_(coef)
-    return {names[i]: float(norms[i]) for i in range(len(groups))}
+            if fl:
+                torch._foreach_mul_(fl, coef[i].to(fl[0].dtype))
+    return {names[i]: norms[i] for i in range(len(groups))}
 
 
 def _row_flat_index(param: torch.Tensor, groups: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

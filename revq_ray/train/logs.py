@@ -141,3 +141,120 @@ def progress_line(m: dict[str, Any], total_steps: int, eta_s: float | None) -> s
     if eta_s is not None:
         parts.append(f"eta {_duration(eta_s)}")
     return " | ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- reporter
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/Inf loss: stopped before anything non-finite is checkpointed or exported."""
+
+
+class Reporter:
+    """Window sums, the metrics dict, ``ray.train.report``, exports and rank 0's logs, for the worker loop.
+
+    Per step, :meth:`add` adds the step's losses to sums that stay on the device (no host sync). When the
+    schedule says a report is due, :meth:`close_window` all-reduces the sums (one small collective, on every
+    rank) and checks them: a non-finite loss stops the run with its step number, before anything is saved.
+    :meth:`publish` then writes the CSV row, the TensorBoard events and the progress line (rank 0), exports
+    the model, and reports to Ray Train (every rank, with its checkpoint part).
+
+    Ray Train V2 takes one report per worker every health-check interval (a queue of size 1, drained every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` = 2 s by default): reporting more often blocks the loop. So every
+    log step goes to the CSV, TensorBoard and the progress line, but to ``ray.train.report`` only when this
+    long has passed since the last report; checkpoints, validations and the last step are always reported.
+    """
+
+    report_interval_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+
+    def __init__(self, *, run_dir: Path, rank: int, samples_per_step: int, total_steps: int,
+                 steps_per_epoch: int, start_step: int, device: Any, reduce_floats: Any):  # fmt: skip
+        import torch
+
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.samples_per_step, self.total, self.spe = samples_per_step, total_steps, steps_per_epoch
+        self.start_step = start_step
+        self.reduce_floats = reduce_floats  # list[float] -> list[float], summed over ranks
+        self.logger = RunLogger(self.run_dir, start_step) if rank == 0 else None
+        self.win = torch.zeros(3, dtype=torch.float64, device=device)  # loss, quant part, rect
+        self.extra: dict[str, Any] = {}
+        self.win_steps = 0
+        self.reset_codes = 0
+        self.run_t0 = self.win_t0 = time.perf_counter()
+        self.last_report_t = 0.0
+
+    def add(self, losses: dict[str, Any], loss: Any) -> None:
+        """One step's losses (device tensors; nothing leaves the device)."""
+        import torch
+
+        with torch.no_grad():
+            total, rect = loss.detach().double(), losses["rect"].detach().double()
+            self.win += torch.stack([total, total - rect, rect])
+            for k, v in losses.items():
+                if k not in ("quant", "rect"):
+                    self.extra[k] = self.extra.get(k, 0.0) + v.detach().double()
+        self.win_steps += 1
+
+    def close_window(self, step: int) -> tuple[dict[str, float], bool]:
+        """Collective: the window's mean losses over all ranks, and whether Ray wants a report now (rank 0's
+        clock decides; riding on this all-reduce keeps every rank's report count equal). Raises
+        :class:`NonFiniteLossError` on a NaN/Inf loss."""
+        want = float(self.rank == 0 and time.perf_counter() - self.last_report_t >= self.report_interval_s)
+        extra_keys = sorted(self.extra)
+        local = [*self.win.tolist(), *(float(self.extra[k]) for k in extra_keys), float(self.win_steps), want]
+        sums = self.reduce_floats(local)
+        n = max(sums[-2], 1.0)
+        means = {"loss": sums[0] / n, "loss_quant": sums[1] / n, "loss_rect": sums[2] / n}
+        means.update({f"loss_{k}": sums[3 + i] / n for i, k in enumerate(extra_keys)})
+        if not all(math.isfinite(v) for v in means.values()):
+            first = step - self.win_steps + 1
+            raise NonFiniteLossError(
+                f"non-finite training loss in steps {first}-{step} ({means}); stopped before checkpointing "
+                "or exporting. Check the latents (e.g. `python -m revq_ray.eval` on the shards) and lower "
+                "train.lr"
+            )
+        return means, sums[-1] > 0
+
+    def metrics(self, state: Any, means: dict[str, float], **extra: Any) -> dict[str, Any]:
+        """The metrics dict of this report (``extra``: lr, norms, usage, validation, ...)."""
+        elapsed = max(time.perf_counter() - self.win_t0, 1e-9)
+        m: dict[str, Any] = {
+            "step": state.step,
+            "epoch": state.epoch + state.step_in_epoch / self.spe,
+            "time_s": round(time.perf_counter() - self.run_t0, 3),
+            **means,
+            "samples_per_s": self.win_steps * self.samples_per_step / elapsed,
+            "reset_codes": self.reset_codes,
+            "run_dir": str(self.run_dir),
+        }
+        m.update({k: v for k, v in extra.items() if v is not None})
+        return m
+
+    def publish(self, metrics: dict[str, Any], *, due_ray: bool, checkpoint: Any = None,
+                exports: tuple[str, ...] = (), module: Any = None) -> None:  # fmt: skip
+        """Rank 0: exports, CSV/TensorBoard, progress line. Every rank: ``ray.train.report`` if due."""
+        import ray.train
+
+        from revq_ray.train import checkpoint as ckpt
+
+        if self.rank == 0 and self.logger is not None:
+            for name in exports:
+                ckpt.export_pretrained(module, self.run_dir / "export" / name)
+            self.logger.log(metrics)
+            rate = metrics["step"] - self.start_step
+            eta = (
+                (self.total - metrics["step"]) * (time.perf_counter() - self.run_t0) / rate if rate else None
+            )
+            print(f"[revq_ray.train] {progress_line(metrics, self.total, eta)}", flush=True)
+        if due_ray or checkpoint is not None:
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=f"checkpoint_step{metrics['step']:09d}" if checkpoint else None,
+            )
+            self.last_report_t = time.perf_counter()
+        self.win.zero_()
+        self.extra, self.win_steps, self.reset_codes = {}, 0, 0
+        self.win_t0 = time.perf_counter()
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()

@@ -1,8 +1,15 @@
 """The per-worker training loop (runs inside every Ray Train worker).
 
-Reads like nanoGPT's: build the model, resume or initialize, then for each batch: step, maybe reset, maybe
-validate, maybe report / checkpoint. Everything Ray-specific stays in this package; the model is core's
-``ReVQModel`` under a DeepSpeed engine (:mod:`revq_ray.train.engine`).
+Reads like nanoGPT's::
+
+    run = setup(config)                      # model (codebook init on CPU, then to the device), data, engine,
+    while not run.schedule.done(run.state):  # restore
+        batch = next(run.batches)
+        train_step(run, batch)               # forward, backward, per-module clip, optimizer step
+        due = run.schedule.advance(run.state, run.samples_per_step)
+        if due.any:
+            after_step(run, due)             # reset, validate, report, checkpoint, export
+    finish(run)
 
 Data and epochs. Each worker streams its split of the training set (``get_dataset_shard("train")``, split
 evenly by Ray Train). An *epoch* is a fixed number of optimizer steps, ``steps_per_epoch``, computed by the
@@ -17,6 +24,12 @@ source cannot seek to the sample it stopped at). So no optimizer step is done tw
 is lost or added; what is not guaranteed is that the rest of an interrupted epoch sees exactly the samples it
 would have seen. Steps done after the last checkpoint and before a failure are rolled back and redone (the
 logs drop them too, see :mod:`revq_ray.train.logs`).
+
+Devices and precision. The model is built and its codebook initialized on the CPU, then moved to the
+worker's device, so nothing CPU-side meets a CUDA module. Under ``train.precision=bf16`` DeepSpeed wraps the
+forward in autocast; the quantizer switches it off around the search, gather and its losses (fp32, the
+same codes as the Tokenizer), so only the rectifier runs in bf16. The hot loop never waits for the device:
+losses and gradient norms stay device tensors until a report needs them.
 """
 
 from __future__ import annotations
@@ -29,6 +42,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,21 +51,18 @@ import torch
 from revq_ray.config import RunConfig
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
-from revq_ray.train.logs import RunLogger, progress_line
+from revq_ray.train.logs import Reporter
+from revq_ray.train.plan import RunPlan
+from revq_ray.train.schedule import Due, Schedule
 
 FAIL_MARKER = ".fail_at_step.done"
-# Ray Train V2 takes one report per worker every health-check interval (a queue of size 1, drained every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 2 s by default): reporting more often blocks the training loop. So every
-# log step goes to the CSV, TensorBoard and the progress line, but to ray.train.report only if this long has
-# passed since the last report; checkpoints, validations and the final step are always reported.
-_REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
 def _log(msg: str) -> None:
     print(f"[revq_ray.train] {msg}", flush=True)
 
 
-class _Dist:
+class Collectives:
     """The collectives the loop needs, no-ops in a single process."""
 
     def __init__(self, device: torch.device):
@@ -78,82 +89,345 @@ class _Dist:
         return out
 
 
-def _endless_batches(shard: Any, micro: int, cfg: RunConfig, has_logvar: bool) -> Iterator[dict[str, Any]]:
-    """Batches of ``micro`` latents from this worker's split, pass after pass."""
-    passes = 0
+@dataclass
+class Run:
+    """Everything the loop holds for one worker."""
+
+    cfg: RunConfig
+    plan: RunPlan
+    rank: int
+    world: int
+    device: torch.device
+    coll: Collectives
+    engine: Any
+    group_names: list[str]
+    state: ckpt.TrainerState
+    schedule: Schedule
+    reporter: Reporter
+    batches: Iterator[dict[str, torch.Tensor]]
+    val_shard: Any = None
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    lr: float = 0.0
+    last_val: tuple[float, float] | None = None
+    last_ckpt_step: int = 0
+
+    @property
+    def module(self) -> Any:
+        return self.engine.module
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.plan.micro_batch * self.world
+
+
+def seed_for(cfg: RunConfig, what: int, index: int) -> int:
+    """Distinct, reproducible random streams: the same on every rank and after every restart."""
+    return (cfg.seed * 1_000_003 + what * 7_919 + index) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------- setup
+def build_model(cfg: RunConfig, plan: RunPlan, init_tokens_ntd: torch.Tensor | None, device: Any) -> Any:
+    """The ReVQModel on ``device``: standardizer from the plan's statistics, codebook initialized (on the
+    CPU, before the move) from ``init_tokens_ntd`` unless None (a checkpoint will be restored)."""
+    from revq_ray.core.model import ReVQModel
+    from revq_ray.core.stats import RunningStats
+
+    torch.manual_seed(cfg.seed)
+    model = ReVQModel.from_config(plan.latent_shape, cfg.model)
+    model.standardizer.set_stats(RunningStats.from_state_dict(plan.stats))
+    if init_tokens_ntd is not None:
+        t0 = time.perf_counter()
+        z = model.layout.to_latent(init_tokens_ntd.to(model.standardizer.mean.dtype))
+        gen = torch.Generator().manual_seed(seed_for(cfg, 1, 0))
+        model.init_codebook(z, generator=gen)
+        _log(
+            f"codebook init ({cfg.model.quantizer.init}) from {init_tokens_ntd.shape[0]} sampled tokens per "
+            f"group in {time.perf_counter() - t0:.1f}s"
+        )
+    return model.to(device)
+
+
+def _device(cfg: RunConfig) -> torch.device:
+    if not cfg.train.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Batches of ``micro`` latents from this worker's split, pass after pass, already on ``device`` (Ray
+    copies them from pinned host memory in its prefetch thread when the device is a GPU)."""
     while True:
         got = 0
         for batch in shard.iter_torch_batches(
             batch_size=micro,
             dtypes=torch.float32,
+            device=device,
+            pin_memory=device.type == "cuda",
             drop_last=True,
             local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
             prefetch_batches=cfg.data.prefetch_batches,
         ):
             got += 1
             yield batch
-        passes += 1
         if got == 0:
             raise RuntimeError(
                 f"this worker's split of the training data holds fewer than one batch of {micro} latents: "
-                "lower "
-                "train.batch_size or train.num_workers, or add data"
+                "lower train.batch_size or train.num_workers, or add data"
             )
 
 
-def _seed_for(cfg: RunConfig, what: int, index: int) -> int:
-    # Distinct, reproducible streams: the same on every rank and after every restart.
-    return (cfg.seed * 1_000_003 + what * 7_919 + index) % (2**63 - 1)
+def _restore(engine: Any, rank: int, world: int) -> ckpt.TrainerState:
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is None:
+        return ckpt.TrainerState(world_size=world)
+    with restored.as_directory() as d:
+        state = ckpt.load(engine, d, rank, world)
+    if rank == 0:
+        _log(
+            f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} "
+            f"(+{state.step_in_epoch} steps)"
+        )
+    return state
+
+
+def _write_run_files(run: Run, config: dict[str, Any]) -> None:
+    """Rank 0: workers.json (where every rank runs), config.json, and the start line."""
+    import ray
+
+    me = {"rank": run.rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+          "pid": os.getpid()}  # fmt: skip
+    workers = run.coll.gather_objects(me)
+    if run.rank != 0:
+        return
+    run_dir = Path(run.plan.run_dir)
+    (run_dir / "workers.json").write_text(json.dumps(workers, indent=1))
+    (run_dir / "config.json").write_text(json.dumps(config["cfg"], indent=1))
+    n_params = {k: sum(p.numel() for p in v) for k, v in run.module.param_groups().items()}
+    tc, plan = run.cfg.train, run.plan
+    _log(
+        f"{run.world} worker(s), ZeRO {tc.zero_stage}, "
+        f"{'bf16 autocast (rectifier)' if eng.resolve_precision(tc) == 'bf16' else 'fp32'} on "
+        f"{run.device.type}; params codebook {n_params['codebook']:,} rectifier {n_params['rectifier']:,}; "
+        f"{plan.total_steps} steps = {plan.total_steps / plan.steps_per_epoch:.2f} epochs of "
+        f"{plan.steps_per_epoch} steps x {run.samples_per_step} latents; run dir {run_dir}"
+    )
+
+
+def setup(config: dict[str, Any]) -> Run:
+    """Build the worker's model, engine, data stream and logs; restore a checkpoint if Ray Train has one."""
+    import ray
+    import ray.train
+
+    cfg = RunConfig.model_validate(config["cfg"])
+    plan: RunPlan = config["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads)
+    device = _device(cfg)
+    coll = Collectives(device)
+    t0 = time.perf_counter()
+    resuming = ray.train.get_checkpoint() is not None
+    # Every rank gets the same sample from the object store and initializes identically (deterministic);
+    # DeepSpeed's initial broadcast of rank 0's parameters then changes nothing.
+    init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
+    if not resuming and init is None:
+        raise RuntimeError("no checkpoint to restore and no codebook-init sample in the run plan")
+    model = build_model(cfg, plan, init, device)
+    model.set_reduce_fn(coll.sum_)
+    engine, group_names = eng.build_engine(model, cfg.train, world)
+    if rank == 0:
+        _log(f"worker setup (model, codebook init, DeepSpeed engine) in {time.perf_counter() - t0:.1f}s")
+    state = _restore(engine, rank, world)
+    reset_cfg = cfg.model.quantizer.reset
+    schedule = Schedule(
+        cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
+    )
+    Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(
+        run_dir=Path(plan.run_dir), rank=rank, samples_per_step=plan.micro_batch * world,
+        total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, start_step=state.step,
+        device=device, reduce_floats=coll.sum_floats,
+    )  # fmt: skip
+    run = Run(
+        cfg=cfg, plan=plan, rank=rank, world=world, device=device, coll=coll, engine=engine,
+        group_names=group_names, state=state, schedule=schedule, reporter=reporter,
+        batches=endless_batches(ray.train.get_dataset_shard("train"), plan.micro_batch, cfg, device),
+        val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None, last_ckpt_step=state.step,
+    )  # fmt: skip
+    _write_run_files(run, config)
+    return run
+
+
+# --------------------------------------------------------------------------------------------- step
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
+    """One optimizer step: lr, forward, backward, per-module clip, step. No host sync."""
+    engine, tc = run.engine, run.cfg.train
+    latents = batch["latent"].to(run.device, non_blocking=True)
+    logvar = batch["logvar"].to(run.device, non_blocking=True) if "logvar" in batch else None
+    run.lr = eng.set_lr(engine.optimizer, run.state.step, run.plan.total_steps, tc.final_lr_fraction)
+    out = engine(latents, logvar)
+    engine.backward(out.loss)
+    run.norms = eng.clip_grad_norms_(engine, run.group_names, tc.grad_clip)
+    engine.step()
+    run.reporter.add(out.losses, out.loss)
 
 
 @torch.no_grad()
-def _validate(
-    module: Any, val_shard: Any, micro: int, dist: _Dist, autocast: Any
-) -> tuple[float, float, int]:
-    """Latent MSE in standardized units with and without the rectifier, over every worker's val split."""
-    se = torch.zeros((), dtype=torch.float64)
-    se_norect = torch.zeros((), dtype=torch.float64)
-    n = 0
+def validate(run: Run) -> tuple[float, float]:
+    """Collective: latent MSE in standardized units with and without the rectifier, over every worker's val
+    split (with the training forward, so under the same autocast as training)."""
+    module = run.module
+    acc = torch.zeros(3, dtype=torch.float64, device=run.device)  # se, se without rectifier, count
     was = module.training
     module.eval()  # the quantizer does not count eval hits
     try:
-        for batch in val_shard.iter_torch_batches(batch_size=micro, dtypes=torch.float32, drop_last=False):
-            latents = batch["latent"].to(dist.device)
-            logvar = batch["logvar"].to(dist.device) if "logvar" in batch else None
-            with autocast():
-                out = module(latents, logvar)
+        for batch in run.val_shard.iter_torch_batches(
+            batch_size=run.plan.micro_batch, dtypes=torch.float32, device=run.device, drop_last=False
+        ):
+            logvar = batch.get("logvar")
+            with eng.autocast(run.cfg.train, run.device):
+                out = module(batch["latent"], logvar)
             target = out.latents_std.float()
-            se += (out.rectified_std.float() - target).pow(2).sum().double().cpu()
-            se_norect += (out.quantized.float() - target).pow(2).sum().double().cpu()
-            n += target.numel()
+            acc[0] += (out.rectified_std.float() - target).pow(2).sum().double()
+            acc[1] += (out.quantized.float() - target).pow(2).sum().double()
+            acc[2] += target.numel()
     finally:
         module.train(was)
-    tot = dist.sum_floats([float(se), float(se_norect), float(n)])
-    if tot[2] == 0:
-        return float("nan"), float("nan"), 0
-    return tot[0] / tot[2], tot[1] / tot[2], int(tot[2])
+    se, se_norect, n = run.coll.sum_(acc).tolist()
+    return (se / n, se_norect / n) if n else (math.nan, math.nan)
 
 
-def _init_codebook(model: Any, cfg: RunConfig, plan: dict[str, Any]) -> None:
-    """Fill the codebooks from tokens sampled from the training split (rank 0; DeepSpeed then broadcasts
-    rank 0's parameters to every rank at initialize)."""
-    from revq_ray.data.reader import sample_init_tokens, train_val_datasets
-    from revq_ray.train.driver import quiet_data_progress
+# --------------------------------------------------------------------------------------------- after a step
+def usage_and_reset(
+    quantizer: Any, due: Due, generator: torch.Generator
+) -> tuple[dict[str, torch.Tensor] | None, Any]:
+    """Collective. The reset (if due) and the usage statistics since the last reset (if a report needs them)
+    from ONE all-reduce of the (G, K) counts: a reset reduces them anyway and hands its statistics back.
+    Returns ``(usage or None, reset report or None)``."""
+    report = quantizer.maybe_reset(generator) if due.reset else None
+    usage = report.usage if report is not None else None
+    if usage is None and due.usage and not due.reset:
+        usage = quantizer.usage_stats(reduce=True)
+    return usage or None, report
 
-    quiet_data_progress()
-    n = cfg.data.init_samples or cfg.model.quantizer.codebook_size
-    t0 = time.time()
-    # keys=True: the sampler hashes keys, so the sample does not depend on block arrival order.
-    init_ds, _ = train_val_datasets(cfg.data, cfg.seed, keys=True)
-    tokens_ntd = sample_init_tokens(init_ds, model.layout.tokens, n, seed=cfg.seed)
-    z = model.layout.to_latent(tokens_ntd)
-    z_std = model.standardizer(z.to(model.standardizer.mean.dtype))
-    gen = torch.Generator().manual_seed(_seed_for(cfg, 1, 0))
-    model.quantizer.init_from_tokens(model.layout.to_tokens(z_std), generator=gen)
-    _log(
-        f"codebook init ({cfg.model.quantizer.init}) from {tokens_ntd.shape[0]} sampled tokens per group in "
-        f"{time.time() - t0:.1f}s"
-    )
+
+def _usage_metrics(usage: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    if not usage:
+        return {}
+    return {
+        "usage_mean": float(usage["usage"].float().mean()),
+        "usage_min": float(usage["usage"].float().min()),
+        "perplexity": float(usage["perplexity"].float().mean()),
+        "dead_codes": int(usage["dead"].sum()),
+    }
+
+
+def _val_metrics(run: Run, due: Due, means: dict[str, float]) -> tuple[dict[str, Any], bool]:
+    """Validation entries of the metrics and whether ``val_mse`` improved on the best so far."""
+    out: dict[str, Any] = {}
+    if run.last_val is not None:
+        out["val_mse"], out["val_mse_norect"] = run.last_val
+    elif due.last:
+        # No validation data (data.val_items=0 and no data.val_shards): the training loss stands in so that
+        # a Tune objective exists; flagged so nobody mistakes it for held-out error.
+        out.update(val_mse=means["loss_rect"], val_mse_norect=math.nan, val_source="train")
+    state, improved = run.state, False
+    val_now = out.get("val_mse", math.nan) if due.val else math.nan
+    if math.isfinite(val_now) and (state.best_val_mse is None or val_now < state.best_val_mse):
+        state.best_val_mse, improved = val_now, True
+    if state.best_val_mse is not None:
+        out["best_val_mse"] = state.best_val_mse
+    return out, improved
+
+
+def _checkpoint(run: Run) -> tuple[Any, str | None]:
+    """Collective: every rank saves its DeepSpeed part to a temporary directory -> (Checkpoint, tmp dir).
+    Refuses non-finite weights (nothing non-finite is ever saved or exported)."""
+    from ray.train import Checkpoint
+
+    finite = torch.stack([p.detach().isfinite().all() for p in run.module.parameters()]).all()
+    if not bool(finite):
+        from revq_ray.train.logs import NonFiniteLossError
+
+        raise NonFiniteLossError(f"non-finite model weights at step {run.state.step}: not checkpointed")
+    tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{run.rank}_")
+    ckpt.save(run.engine, run.state, tmp, run.rank, run.world)
+    run.last_ckpt_step = run.state.step
+    return Checkpoint.from_directory(tmp), tmp
+
+
+def after_step(run: Run, due: Due) -> None:
+    """Everything a due step asks for, in order: usage + reset, validation, report, checkpoint, exports."""
+    gen = torch.Generator().manual_seed(seed_for(run.cfg, 2, run.state.step))
+    usage, report = usage_and_reset(run.module.quantizer, due, gen)
+    if report is not None:
+        eng.apply_reset_to_optimizer(run.engine, report)
+        run.reporter.reset_codes += report.count
+        run.state.resets += 1
+    if due.val and run.val_shard is not None:
+        run.last_val = validate(run)
+    if not due.report:
+        return
+    means, ray_wants = run.reporter.close_window(run.state.step)
+    val, improved = _val_metrics(run, due, means)
+    groups = run.engine.optimizer.param_groups
+    metrics = run.reporter.metrics(
+        run.state, means, lr=run.lr, lr_rectifier=groups[1]["lr"] if len(groups) > 1 else None,
+        **{f"grad_norm_{k}": float(v) for k, v in run.norms.items()}, **_usage_metrics(usage), **val,
+    )  # fmt: skip
+    checkpoint, tmp = _checkpoint(run) if due.ckpt and run.state.step > run.last_ckpt_step else (None, None)
+    exports = (("latest",) if checkpoint is not None else ()) + (("best",) if improved else ())
+    try:
+        run.reporter.publish(
+            metrics, due_ray=ray_wants or due.val or due.last, checkpoint=checkpoint, exports=exports,
+            module=run.module,
+        )  # fmt: skip
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _maybe_fail_for_test(run)
+
+
+def _maybe_fail_for_test(run: Run) -> None:
+    """Test hook ``train.fail_at_step``: rank 0 exits once per run dir at that step."""
+    tc = run.cfg.train
+    if tc.fail_at_step != run.state.step or run.rank != 0:
+        return
+    marker = Path(run.plan.run_dir) / FAIL_MARKER
+    if marker.exists():
+        return
+    marker.write_text(f"failed once at step {run.state.step}\n")
+    # Give the controller time to register the reports made so far (it drains them every health check), so
+    # the restart point is the last checkpoint reported, not a race.
+    time.sleep(2 * Reporter.report_interval_s + 1)
+    _log(f"train.fail_at_step={tc.fail_at_step}: rank 0 exits now (test hook; once per run dir)")
+    os._exit(17)
+
+
+# --------------------------------------------------------------------------------------------- entry
+def finish(run: Run) -> None:
+    """After the last step: the per-rank test export (``train.export_all_ranks``) and closing the logs."""
+    run_dir = Path(run.plan.run_dir)
+    if run.cfg.train.export_all_ranks:
+        # Test/debug hook: every rank writes the state it holds, so tests can check that ranks agree.
+        import safetensors.torch
+
+        out = run_dir / "ranks"
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().to("cpu", copy=True) for k, v in run.module.state_dict().items()
+              if k != "quantizer.counts"}  # fmt: skip
+        safetensors.torch.save_file(sd, str(out / f"rank{run.rank}.safetensors"))
+    run.reporter.close()
+    if run.rank == 0:
+        made = [p.name for p in sorted((run_dir / "export").glob("*")) if (p / "model.safetensors").is_file()]
+        _log(
+            f"done: {run.state.step} steps, best val_mse {run.state.best_val_mse}; exports "
+            f"{', '.join(str(run_dir / 'export' / m) for m in made) or 'none'}"
+        )
 
 
 def _quiet_report_log() -> None:
@@ -170,274 +444,17 @@ def _quiet_report_log() -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. ``config = {"cfg": RunConfig dump, "plan": driver-computed facts}``."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    from revq_ray.core.model import ReVQModel
-    from revq_ray.core.stats import RunningStats
-
+    """Ray Train entry point. ``config = {"cfg": RunConfig dump, "plan": RunPlan}``."""
     _quiet_report_log()
-    cfg = RunConfig.model_validate(config["cfg"])
-    plan: dict[str, Any] = config["plan"]
-    tc = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(tc.torch_threads)
-    if tc.use_gpu:
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-    else:
-        device = torch.device("cpu")
-    dist = _Dist(device)
-    run_dir = Path(plan["run_dir"])
-    micro = plan["micro_batch"]
-    spe, total = plan["steps_per_epoch"], plan["total_steps"]
-    bf16 = eng.resolve_precision(tc) == "bf16"
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    # ------------------------------------------------------------------ build
-    torch.manual_seed(cfg.seed)
-    model = ReVQModel.from_config(plan["latent_shape"], cfg.model)
-    model.standardizer.set_stats(RunningStats.from_state_dict(plan["stats"]))
-    model.set_reduce_fn(dist.sum_)
-    model.to(device)
-    t_build = time.perf_counter()
-    restored = ray.train.get_checkpoint()
-    if restored is None and rank == 0:
-        _init_codebook(model, cfg, plan)
-    t_ds = time.perf_counter()
-    engine, group_names = eng.build_engine(model, tc, world)
-    module = engine.module
-    if rank == 0:
-        _log(
-            f"DeepSpeed engine ready in {time.perf_counter() - t_ds:.1f}s "
-            f"(worker setup {time.perf_counter() - t_build:.1f}s)"
-        )
-
-    # ------------------------------------------------------------------ resume
-    state = ckpt.TrainerState(world_size=world)
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = ckpt.load(engine, d, rank, world)
-        if rank == 0:
-            _log(
-                f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} "
-                f"(+{state.step_in_epoch} steps)"
-            )
-    start_step = state.step
-    workers = dist.gather_objects(
-        {
-            "rank": rank,
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
-    )
-    logger = None
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "workers.json").write_text(json.dumps(workers, indent=1))
-        (run_dir / "config.json").write_text(json.dumps(config["cfg"], indent=1))
-        logger = RunLogger(run_dir, start_step)
-        n_params = {k: sum(p.numel() for p in v) for k, v in model.param_groups().items()}
-        _log(
-            f"{world} worker(s), ZeRO {tc.zero_stage}, {'bf16 autocast' if bf16 else 'fp32'} on "
-            f"{device.type}; "
-            f"params codebook {n_params['codebook']:,} rectifier {n_params['rectifier']:,}; "
-            f"{total} steps = {total / spe:.2f} epochs of {spe} steps x {micro * world} latents; "
-            f"run dir {run_dir}"
-        )
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if plan.get("has_val") else None
-    stream = _endless_batches(train_shard, micro, cfg, plan["has_logvar"])
-
-    reset_cfg = cfg.model.quantizer.reset
-    resets_on = reset_cfg.enabled  # type=vq forces it off; methods without a reset return None
-    val_every, ckpt_every = tc.val_every, tc.checkpoint_every
-    # Window sums stay on the device (loss, quant, rect): no host sync per step.
-    win = torch.zeros(3, dtype=torch.float64, device=device)
-    win_steps = 0
-    win_t0 = time.perf_counter()
-    run_t0 = time.perf_counter()
-    first_batch_logged = False
-    extra_losses: dict[str, torch.Tensor] = {}
-    last_norms: dict[str, float] = {}
-    last_val: tuple[float, float] | None = None
-    last_ckpt_step = start_step
-    reset_codes_since_report = 0
-    last_report_t = 0.0
-    lr = 0.0
-
-    # ------------------------------------------------------------------ train
-    while state.step < total:
-        batch = next(stream)
-        if not first_batch_logged and rank == 0:
-            first_batch_logged = True
-            _log(f"first batch after {time.perf_counter() - run_t0:.1f}s (Ray Data stream start)")
-        latents = batch["latent"].to(device, non_blocking=True)
-        logvar = batch["logvar"].to(device, non_blocking=True) if "logvar" in batch else None
-        lr = eng.set_lr(engine.optimizer, state.step, total, tc.final_lr_fraction)
-        out = engine(latents, logvar)
-        loss = out.loss
-        engine.backward(loss)
-        last_norms = eng.clip_grad_norms_(engine, group_names, tc.grad_clip)
-        engine.step()
-
-        state.step += 1
-        state.step_in_epoch += 1
-        state.samples += micro * world
-        with torch.no_grad():
-            rect = out.losses["rect"].detach().double()
-            win += torch.stack([loss.detach().double(), loss.detach().double() - rect, rect])
-            for k, v in out.losses.items():
-                if k not in ("quant", "rect"):
-                    extra_losses[k] = extra_losses.get(k, 0.0) + v.detach().double()
-        win_steps += 1
-
-        epoch_end = state.step_in_epoch >= spe
-        if epoch_end:
-            state.epoch += 1
-            state.step_in_epoch = 0
-        last = state.step >= total
-        due_log = state.step % tc.log_every == 0
-        due_val = (state.step % val_every == 0) if val_every else epoch_end
-        due_ckpt = (state.step % ckpt_every == 0) if ckpt_every else epoch_end
-        due_val, due_ckpt = due_val or last, due_ckpt or last
-        if resets_on:
-            due_reset = (
-                (state.step % reset_cfg.interval == 0)
-                if reset_cfg.unit == "steps"
-                else (epoch_end and state.epoch % reset_cfg.interval == 0)
-            )
-            due_reset = due_reset and not last  # a reset after the last step would only throw counts away
-        else:
-            due_reset = False
-        if not (due_log or due_val or due_ckpt or due_reset):
-            continue
-
-        # -------------------------------------------------------------- metrics (collective)
-        # Usage since the last reset, read *before* this step's reset zeroes the counts.
-        usage = module.quantizer.usage_stats(reduce=True)
-        if due_reset:
-            gen = torch.Generator().manual_seed(_seed_for(cfg, 2, state.step))
-            report = module.quantizer.maybe_reset(gen)
-            if report is not None:
-                eng.apply_reset_to_optimizer(engine, report)
-                reset_codes_since_report += report.count
-                state.resets += 1
-        if due_val and val_shard is not None:
-            vm, vn, _ = _validate(module, val_shard, micro, dist, autocast)
-            last_val = (vm, vn)
-        if not (due_log or due_val or due_ckpt):
-            continue
-        # Rank 0's clock decides whether this log step also goes to Ray (see _REPORT_INTERVAL_S); riding on
-        # the metrics all-reduce keeps every rank's report count equal, as ray.train.report requires.
-        want = float(rank == 0 and time.perf_counter() - last_report_t >= _REPORT_INTERVAL_S)
-        sums = dist.sum_floats([*win.tolist(), float(win_steps), want])
-        steps_all = max(sums[3], 1.0)
-        elapsed = time.perf_counter() - win_t0
-        groups = engine.optimizer.param_groups
-        metrics: dict[str, Any] = {
-            "step": state.step,
-            "epoch": state.epoch + state.step_in_epoch / spe,
-            "time_s": round(time.perf_counter() - run_t0, 3),
-            "loss": sums[0] / steps_all,
-            "loss_quant": sums[1] / steps_all,
-            "loss_rect": sums[2] / steps_all,
-            "samples_per_s": win_steps * micro * world / max(elapsed, 1e-9),
-            "lr": lr,
-            "run_dir": str(run_dir),
-        }
-        if len(groups) > 1:
-            metrics["lr_rectifier"] = groups[1]["lr"]
-        for name, norm in last_norms.items():
-            metrics[f"grad_norm_{name}"] = norm
-        for k, v in extra_losses.items():
-            metrics[f"loss_{k}"] = float(v) / max(win_steps, 1)
-        if usage:
-            metrics.update(
-                usage_mean=float(usage["usage"].float().mean()),
-                usage_min=float(usage["usage"].float().min()),
-                perplexity=float(usage["perplexity"].float().mean()),
-                dead_codes=int(usage["dead"].sum()),
-            )
-        metrics["reset_codes"] = reset_codes_since_report
-        if last_val is not None:
-            metrics["val_mse"], metrics["val_mse_norect"] = last_val
-        elif last:
-            # No validation data (data.val_items=0 and no data.val_shards): fall back to the training loss so
-            # that a Tune objective still exists; flagged so nobody mistakes it for held-out error.
-            metrics["val_mse"], metrics["val_mse_norect"] = metrics["loss_rect"], float("nan")
-            metrics["val_source"] = "train"
-        improved = False
-        val_now = metrics.get("val_mse", math.nan) if due_val else math.nan
-        if math.isfinite(val_now) and (state.best_val_mse is None or val_now < state.best_val_mse):
-            state.best_val_mse = val_now
-            improved = True
-        if state.best_val_mse is not None:
-            metrics["best_val_mse"] = state.best_val_mse
-
-        checkpoint = None
-        tmp = None
-        if due_ckpt and state.step > last_ckpt_step:
-            tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{rank}_")
-            ckpt.save(engine, state, tmp, rank, world)
-            checkpoint = Checkpoint.from_directory(tmp)
-            last_ckpt_step = state.step
-        if rank == 0:
-            assert logger is not None
-            if checkpoint is not None:
-                ckpt.export_pretrained(module, run_dir / "export" / "latest")
-            if improved:
-                ckpt.export_pretrained(module, run_dir / "export" / "best")
-            logger.log(metrics)
-            rate = state.step - start_step
-            eta = (total - state.step) * (time.perf_counter() - run_t0) / rate if rate else None
-            _log(progress_line(metrics, total, eta))
-        if checkpoint is not None or due_val or last or sums[4] > 0:
-            ray.train.report(
-                metrics,
-                checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint_step{state.step:09d}" if checkpoint else None,
-            )
-            last_report_t = time.perf_counter()
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        win.zero_()
-        win_steps = 0
-        extra_losses = {}
-        reset_codes_since_report = 0
-        win_t0 = time.perf_counter()
-
-        # -------------------------------------------------------------- test hook
-        if tc.fail_at_step == state.step and rank == 0:
-            marker = run_dir / FAIL_MARKER
-            if not marker.exists():
-                marker.write_text(f"failed once at step {state.step}\n")
-                # Give the controller time to register the reports made so far (it drains them every health
-                # check), so the restart point is the last checkpoint reported, not a race.
-                time.sleep(2 * _REPORT_INTERVAL_S + 1)
-                _log(f"train.fail_at_step={tc.fail_at_step}: rank 0 exits now (test hook; once per run dir)")
-                os._exit(17)
-
-    # ------------------------------------------------------------------ end
-    if tc.export_all_ranks:
-        # Test/debug hook: every rank writes the state it holds, so tests can check that ranks agree.
-        import safetensors.torch
-
-        out = run_dir / "ranks"
-        out.mkdir(parents=True, exist_ok=True)
-        sd = {
-            k: v.detach().to("cpu", copy=True)
-            for k, v in module.state_dict().items()
-            if k != "quantizer.counts"
-        }
-        safetensors.torch.save_file(sd, str(out / f"rank{rank}.safetensors"))
-    if logger is not None:
-        logger.close()
-        _log(f"done: {state.step} steps, best val_mse {state.best_val_mse}; exports in {run_dir / 'export'}")
+    run = setup(config)
+    first_batch_t0 = time.perf_counter()
+    while not run.schedule.done(run.state):
+        batch = next(run.batches)
+        if first_batch_t0 and run.rank == 0:
+            _log(f"first batch after {time.perf_counter() - first_batch_t0:.1f}s (Ray Data stream start)")
+            first_batch_t0 = 0.0
+        train_step(run, batch)
+        due = run.schedule.advance(run.state, run.samples_per_step)
+        if due.any:
+            after_step(run, due)
+    finish(run)

@@ -45,7 +45,6 @@ INVALID = [
     ("model.quantizer.beta", -0.1),
     ("model.quantizer.init", "kmeans"),
     ("model.quantizer.kmeans_iters", -1),
-    ("model.quantizer.search_budget_mb", 0),
     ("model.quantizer.search_budget_mb", -5.0),
     ("model.quantizer.simvq_shared", [1]),
     ("model.quantizer.simvq_seed", -1),

@@ -138,8 +138,8 @@ def test_usage_stats():
     counts[0] = 5  # uniform
     counts[1, 2] = 7  # one code
     stats = usage_from_counts(counts, dead_threshold=1)
-    torch.testing.assert_close(stats["usage"], torch.tensor([1.0, 1 / 8, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(stats["perplexity"], torch.tensor([8.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(stats["usage"], torch.tensor([1.0, 1 / 8, 0.0], dtype=torch.float32))
+    torch.testing.assert_close(stats["perplexity"], torch.tensor([8.0, 1.0, 0.0], dtype=torch.float32))
     assert stats["dead"].tolist() == [0, 7, 8]
     q = make_vq(reset_cfg=ResetConfig(dead_threshold=2))
     q.counts[:, :4] = 1

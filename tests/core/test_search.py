@@ -106,7 +106,9 @@ def test_budget_too_small_is_a_clear_error():
     with pytest.raises(ValueError, match="search_budget_mb"):
         plan_search(1, 1, 1 << 20, 4, budget_mb=0.001)
     with pytest.raises(ValueError, match="search_budget_mb"):
-        plan_search(1, 1, 8, 4, budget_mb=0)
+        plan_search(1, 1, 8, 4, budget_mb=-1)
+    # 0 = auto: a fixed 256 MB on CPU
+    assert plan_search(1, 1, 8, 4, budget_mb=0).peak_bytes <= 256 * (1 << 20)
 
 
 def test_shape_errors():

@@ -39,7 +39,8 @@ def test_deepspeed_config_and_precision():
     assert ds["optimizer"]["params"]["torch_adam"] is True
     assert "torch_autocast" not in ds  # CPU, precision auto -> fp32
     gpu = eng.deepspeed_config(TrainConfig(use_gpu=True), 1)
-    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # no module's gradients are all-reduced in bf16 (DeepSpeed's default list tags every Linear/Conv)
+    assert gpu["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     with pytest.raises(ValueError, match="train.zero_stage=3"):
         eng.deepspeed_config(TrainConfig(zero_stage=3), 1)
     with pytest.raises(ValueError, match="train.batch_size=10.*train.num_workers=3"):
@@ -105,8 +106,19 @@ def _worker(rank: int, world: int, port: int, stage: int, results: dict, fast: b
             eng.set_lr(engine.optimizer, step, 6, 0.05)
             out = engine(torch.randn(8, *LATENT, generator=g) * 2)
             engine.backward(out.loss)
+            core_norms, core_grads = _core_clip(model, t.grad_clip) if stage == 0 else ({}, {})
             norms = eng.clip_grad_norms_(engine, names, t.grad_clip)
             assert norms["codebook"] > t.grad_clip  # clipping is active in this test
+            # nothing left the device: 0-dim tensors, read only when logging
+            assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in norms.values())
+            for k, v in core_norms.items():  # the trainer's clip == revq_ray.core.optim.clip_grad_norms_
+                torch.testing.assert_close(norms[k], v, rtol=1e-6, atol=0)
+            for n, p in model.named_parameters():
+                if n in core_grads:
+                    torch.testing.assert_close(p.grad, core_grads[n], rtol=1e-6, atol=1e-9)
+            results[f"{stage}{'fast' if fast else ''}/{rank}/norms{step}"] = {
+                k: float(v) for k, v in norms.items()
+            }
             engine.step()
             if step in (2, 4):
                 report = model.quantizer.maybe_reset(torch.Generator().manual_seed(step))
@@ -118,6 +130,23 @@ def _worker(rank: int, world: int, port: int, stage: int, results: dict, fast: b
         results[f"{key}/resets"] = resets
     finally:
         dist.destroy_process_group()
+
+
+def _core_clip(model, max_norm: float) -> tuple[dict, dict]:
+    """The pure-PyTorch per-module clip on copies of the current gradients: (norms, clipped grads by name)."""
+    from revq_ray.core.optim import clip_grad_norms_
+
+    copies, by_name = {}, {}
+    for name, params in model.param_groups().items():
+        ps = []
+        for p in params:
+            c = torch.nn.Parameter(p.detach().clone())
+            c.grad = p.grad.detach().clone()
+            ps.append(c)
+            by_name[next(n for n, q in model.named_parameters() if q is p)] = c
+        copies[name] = ps
+    norms = clip_grad_norms_(copies, max_norm)
+    return norms, {n: c.grad for n, c in by_name.items()}
 
 
 def test_zero2_matches_zero0_with_clipping_and_resets():
@@ -139,6 +168,13 @@ def test_zero2_matches_zero0_with_clipping_and_resets():
         if k.endswith("counts"):
             continue
         torch.testing.assert_close(res["2/0"][k], v, rtol=1e-5, atol=1e-6, msg=f"ZeRO 2 != ZeRO 0 at {k}")
+    # the partitioned clip (fragments + one all-reduce) measures the same norms as the replicated one
+    for step in range(6):
+        for rank in (0, 1):
+            got, want = res[f"2/{rank}/norms{step}"], res[f"0/{rank}/norms{step}"]
+            assert got.keys() == want.keys()
+            for k in got:
+                assert got[k] == pytest.approx(want[k], rel=1e-5), (step, rank, k)
 
 
 def test_fast_paths_through_deepspeed_match_the_plain_engine():
@@ -162,3 +198,58 @@ def test_fast_path_options_the_trainer_cannot_honour_are_refused():
         eng.check_fast_paths(TrainConfig(channels_last=True, zero_stage=2))
     eng.check_fast_paths(TrainConfig(channels_last=True, fused_optimizer=True))
     assert eng.deepspeed_config(TrainConfig(fused_optimizer=True), 1)["optimizer"]["params"]["fused"] is True
+
+
+def _bf16_worker(rank: int, world: int, port: int, results: dict) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch.distributed as dist
+
+    from revq_ray.core.quantizers import nearest_code
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = _model()
+        t = TrainConfig(batch_size=64, precision="bf16", lr=0.01)
+        engine, names = eng.build_engine(model, t, 1)
+        results["autocast"] = bool(engine.torch_autocast_enabled())
+        # gradients are all-reduced in fp32: no parameter is tagged with a lower communication dtype
+        results["comm_dtypes"] = sorted({str(getattr(p, "comm_dtype", p.dtype)) for p in model.parameters()})
+        g = torch.Generator().manual_seed(7)
+        same = total = 0
+        for _ in range(4):
+            z = torch.randn(64, *LATENT, generator=g) * 2
+            out = engine(z)
+            # the fp32 search on the same codebook, outside any autocast
+            tokens = model.layout.to_tokens(model.standardizer(z))
+            ids = nearest_code(tokens, model.quantizer.codebook.detach())[0]
+            same += int((out.ids_bt == ids).sum())
+            total += ids.numel()
+            results.setdefault("rect_dtype", str(out.rectified_std.dtype))
+            engine.backward(out.loss)
+            eng.clip_grad_norms_(engine, names, t.grad_clip)
+            engine.step()
+        results["agree"] = same / total
+        results["codebook_dtype"] = str(model.quantizer.codebook.dtype)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_engine_picks_the_fp32_codes():
+    """train.precision=bf16 through DeepSpeed's torch_autocast on CPU: the training forward's ids equal the
+    fp32 search on the same codebook (at e163450 about 5 % differed), gradients travel in fp32, parameters
+    stay fp32."""
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_bf16_worker, args=(1, _free_port(), out), nprocs=1, start_method="spawn")
+        res = dict(out)
+    assert res["autocast"] is True
+    assert res["agree"] == 1.0
+    assert res["comm_dtypes"] == ["torch.float32"]
+    assert res["codebook_dtype"] == "torch.float32" and res["rect_dtype"] == "torch.float32"

@@ -125,10 +125,7 @@ class GaussianQuant(CountsMixin, Quantizer):
         """Quantize posterior means (B, G, d) (with optional log-variances) to prior samples."""
         ids_bt = self.quantize_ids(tokens_btd, logvar_btd)
         self._count(ids_bt)
-        q = self.prior[ids_bt]
-        if q.dtype != tokens_btd.dtype:
-            q = q.to(tokens_btd.dtype)
-        return QuantOut(q, ids_bt, {})
+        return QuantOut(self.prior[ids_bt], ids_bt, {})  # fp32 prior samples, whatever the input dtype
 
     def codes(self, ids_bt: torch.Tensor) -> torch.Tensor:
         """(B, G) ids -> (B, G, d) prior samples (exactly the forward's output)."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from revq_ray.config import ResetConfig
+from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers.base import (
     Quantizer,
     QuantOut,
@@ -40,7 +41,7 @@ from revq_ray.core.quantizers.base import (
     straight_through,
     usage_from_counts,
 )
-from revq_ray.core.quantizers.search import MB, nearest_code
+from revq_ray.core.quantizers.search import MB, nearest_code, resolve_budget_mb
 
 log = logging.getLogger(__name__)
 
@@ -203,21 +204,23 @@ class GroupedVQ(CountsMixin, Quantizer):
     def forward(self, tokens_btd: torch.Tensor) -> QuantOut:
         """Quantize (B, G, d) tokens. Training mode also adds the hits to ``counts``."""
         check_tokens(tokens_btd, self.tokens, self.dim)
-        ids_bt, _ = nearest_code(tokens_btd.detach(), self.codebook.detach(), self.search_budget_mb)
-        self._count(ids_bt)
-        q = gather_codes(self.codebook, ids_bt, sparse=self.sparse_grad)
-        if q.dtype != tokens_btd.dtype:  # e.g. a bf16 codebook under DeepSpeed with float32 latents
-            q = q.to(tokens_btd.dtype)
-        z_sg = tokens_btd.detach()
-        if self.loss == "decoupled":
-            return QuantOut(q, ids_bt, {"quant": F.mse_loss(q, z_sg)})
-        commit = self.beta * F.mse_loss(tokens_btd, q.detach()) + F.mse_loss(q, z_sg)
-        return QuantOut(straight_through(tokens_btd, q), ids_bt, {"commit": commit})
+        # Search, gather and losses in fp32 with autocast off, whatever the caller runs under.
+        with full_precision(tokens_btd.device):
+            z = as_fp32(tokens_btd)
+            ids_bt, _ = nearest_code(z.detach(), self.codebook.detach(), self.search_budget_mb)
+            self._count(ids_bt)
+            q = as_fp32(gather_codes(self.codebook, ids_bt, sparse=self.sparse_grad))
+            z_sg = z.detach()
+            if self.loss == "decoupled":
+                return QuantOut(q, ids_bt, {"quant": F.mse_loss(q, z_sg)})
+            commit = self.beta * F.mse_loss(z, q.detach()) + F.mse_loss(q, z_sg)
+            return QuantOut(straight_through(z, q), ids_bt, {"commit": commit})
 
     def codes(self, ids_bt: torch.Tensor) -> torch.Tensor:
         """(B, G) ids -> (B, G, d) codes: exactly the forward's quantized output (in eval mode)."""
         check_ids(ids_bt, self.tokens, self.codebook_size)
-        return gather_codes(self.codebook, ids_bt, sparse=self.sparse_grad)
+        with full_precision(ids_bt.device):
+            return as_fp32(gather_codes(self.codebook, ids_bt, sparse=self.sparse_grad))
 
     # --------------------------------------------------------------------------------------------- init
     @torch.no_grad()
@@ -315,6 +318,7 @@ class GroupedVQ(CountsMixin, Quantizer):
         if counts is not self.counts:  # a reduce_fn that returns a new tensor instead of summing in place
             self.counts.copy_(counts)
         counts = self.counts
+        usage = usage_from_counts(counts, cfg.dead_threshold)  # the global counts, before they are zeroed
         G, K = counts.shape
         dev = counts.device
         cap = math.floor(cfg.ratio * K)
@@ -323,7 +327,7 @@ class GroupedVQ(CountsMixin, Quantizer):
         if n_max == 0:
             self.counts.zero_()
             empty = torch.empty(0, dtype=torch.long, device=self.codebook.device)
-            return ResetReport(empty, empty.clone())
+            return ResetReport(empty, empty.clone(), usage=usage)
         # Unique sort keys make the order (and so the result) independent of the sort algorithm:
         # ascending count then ascending index; and descending count then ascending index.
         idx = torch.arange(K, device=dev, dtype=torch.long)
@@ -344,7 +348,7 @@ class GroupedVQ(CountsMixin, Quantizer):
         new = cb[g_cb, s_cb].float() + cfg.noise * noise.to(cb.device)
         cb[g_cb, t_cb] = new.to(cb.dtype)
         self.counts.zero_()
-        return ResetReport(g_cb, t_cb)
+        return ResetReport(g_cb, t_cb, usage=usage)
 
     def usage_stats(self, reduce: bool = False, dead_threshold: int | None = None) -> dict[str, torch.Tensor]:
         thr = self.reset_cfg.dead_threshold if dead_threshold is None else dead_threshold
@@ -354,6 +358,7 @@ class GroupedVQ(CountsMixin, Quantizer):
 # ------------------------------------------------------------------------------------------ k-means
 def _group_chunk(n: int, d: int, budget_mb: float, groups: int) -> int:
     # About four (n, d) float32 temporaries per group in flight.
+    budget_mb = resolve_budget_mb(budget_mb, "cpu")
     return max(1, min(groups, int(budget_mb * MB) // max(1, 4 * n * (d + 1) * 4)))
 
 

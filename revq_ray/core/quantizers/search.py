@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from revq_ray.core.precision import full_precision
+
 MB = 1 << 20
 DEFAULT_BLOCK = 64
 # Score-chunk size on CPU with ONE intra-op thread. Measured on a 2-core AMD EPYC (512 KiB L2 per core,
@@ -114,6 +116,36 @@ def estimate_peak_bytes(
     return block_minima + bias + max(hot, final)
 
 
+# "auto" search budget (model.quantizer.search_budget_mb = 0): a fixed size on CPU, where the search is
+# compute-bound and cache-sized chunks win anyway; on a GPU a share of the free memory measured at the first
+# search, so that at 256T-L (G=256, K=262,144) the search runs in a few large chunks instead of one group
+# at a time (256 Python iterations per forward at the old fixed 256 MB).
+CPU_AUTO_BUDGET_MB = 256.0
+GPU_AUTO_FRACTION = 0.25
+GPU_AUTO_MAX_MB = 16384.0
+_auto_budget_cache: dict[str, float] = {}
+
+
+def resolve_budget_mb(budget_mb: float, device: torch.device | str = "cpu") -> float:
+    """``budget_mb`` if > 0; else (auto) 256 MB on CPU, or a quarter of the GPU's free memory at the first
+    call for that device (between 256 MB and 16 GiB), cached so every later search plans the same way."""
+    if budget_mb > 0:
+        return float(budget_mb)
+    if budget_mb < 0:
+        raise ValueError(
+            f"search budget_mb={budget_mb} must be > 0, or 0 for auto (model.quantizer.search_budget_mb)"
+        )
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return CPU_AUTO_BUDGET_MB
+    key = str(dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device()))
+    if key not in _auto_budget_cache:
+        free, _total = torch.cuda.mem_get_info(torch.device(key))
+        mb = GPU_AUTO_FRACTION * free / MB
+        _auto_budget_cache[key] = float(min(GPU_AUTO_MAX_MB, max(CPU_AUTO_BUDGET_MB, mb)))
+    return _auto_budget_cache[key]
+
+
 def plan_search(
     batch: int,
     groups: int,
@@ -133,8 +165,7 @@ def plan_search(
     otherwise as large as the budget allows (see ``CPU_CHUNK_BYTES_SINGLE_THREAD``). ``budget_mb`` is a hard
     cap on :func:`estimate_peak_bytes`.
     """
-    if budget_mb <= 0:
-        raise ValueError(f"search budget_mb={budget_mb} must be > 0 (model.quantizer.search_budget_mb)")
+    budget_mb = resolve_budget_mb(budget_mb, device)
     if min(batch, groups, codes, dim) < 1:
         raise ValueError(f"empty search: batch={batch}, groups={groups}, codes={codes}, dim={dim}")
     budget = int(budget_mb * MB)
@@ -232,6 +263,20 @@ def chunked_argmin(
     ``x_exact_gbe`` optionally gives the rows ``exact_fn`` takes, when they differ from the matmul's
     (GQ scores with the posterior's mean and precision, not the folded features).
     """
+    # Autocast would run the baddbmm in bf16 and pick other codes: the search is fp32, always.
+    with full_precision(x_gbe.device):
+        return _chunked_argmin(x_gbe, y_gke, alpha, sqnorm_bias, exact_fn, plan, x_exact_gbe)
+
+
+def _chunked_argmin(
+    x_gbe: torch.Tensor,
+    y_gke: torch.Tensor,
+    alpha: float,
+    sqnorm_bias: bool,
+    exact_fn: ExactFn,
+    plan: SearchPlan,
+    x_exact_gbe: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     G, B, e = x_gbe.shape
     K = y_gke.shape[1]
     if y_gke.shape[0] != G:
@@ -343,7 +388,8 @@ def nearest_code(
     Args:
         tokens_btd: (B, G, d) tokens; token t of every sample searches only ``codebook_gkd[t]``.
         codebook_gkd: (G, K, d) codebooks.
-        budget_mb: hard cap on the extra memory of the search (see :func:`plan_search`).
+        budget_mb: hard cap on the extra memory of the search (see :func:`plan_search`); 0 = auto
+            (:func:`resolve_budget_mb`).
         target_chunk_bytes: preferred score-chunk size (default: cache-sized on a single-threaded CPU,
             else the largest the budget allows).
         block: codes per block of the two-level min (tuning knob; results do not depend on it).

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers.base import Quantizer, QuantOut, ReduceFn, no_reduce, straight_through
 from revq_ray.core.quantizers.grouped import CountsMixin, check_ids, check_tokens, gather_codes
 from revq_ray.core.quantizers.search import nearest_code
@@ -89,16 +90,17 @@ class SimVQ(CountsMixin, Quantizer):
 
     def forward(self, tokens_btd: torch.Tensor) -> QuantOut:
         check_tokens(tokens_btd, self.tokens, self.dim)
-        with torch.no_grad():
-            q_gkd = self.effective_codebook()
-        ids_bt, _ = nearest_code(tokens_btd.detach(), q_gkd, self.search_budget_mb)
-        del q_gkd
-        self._count(ids_bt)
-        q = self._codes(ids_bt)  # the same arithmetic as codes(): eval output == codes(ids) exactly
-        if q.dtype != tokens_btd.dtype:
-            q = q.to(tokens_btd.dtype)
-        commit = self.beta * F.mse_loss(tokens_btd, q.detach()) + F.mse_loss(q, tokens_btd.detach())
-        return QuantOut(straight_through(tokens_btd, q), ids_bt, {"commit": commit})
+        # The effective codebook, the search and the map are fp32 with autocast off (core/precision.py).
+        with full_precision(tokens_btd.device):
+            z = as_fp32(tokens_btd)
+            with torch.no_grad():
+                q_gkd = self.effective_codebook()
+            ids_bt, _ = nearest_code(z.detach(), q_gkd, self.search_budget_mb)
+            del q_gkd
+            self._count(ids_bt)
+            q = self._codes(ids_bt)  # the same arithmetic as codes(): eval output == codes(ids) exactly
+            commit = self.beta * F.mse_loss(z, q.detach()) + F.mse_loss(q, z.detach())
+            return QuantOut(straight_through(z, q), ids_bt, {"commit": commit})
 
     def _codes(self, ids_bt: torch.Tensor) -> torch.Tensor:
         return self._map(gather_codes(self.frozen_codebook, ids_bt))
@@ -106,4 +108,5 @@ class SimVQ(CountsMixin, Quantizer):
     def codes(self, ids_bt: torch.Tensor) -> torch.Tensor:
         """(B, G) ids -> (B, G, d) effective codes ``C[g, id] W_g^T + b_g``."""
         check_ids(ids_bt, self.tokens, self.codebook_size)
-        return self._codes(ids_bt)
+        with full_precision(ids_bt.device):
+            return self._codes(ids_bt)
