@@ -11,7 +11,8 @@ Methods:
   default ``AdamW`` over the whole codebook (codebook lr, no wd; rectifier lr * 0.05, wd 1e-4).
 * ``ours``: the real ``ReVQModel`` forward (chunked matmul search, ``revq_ray.core.quantizers.search``), the
   rectifier in channels_last, sync-free per-module clipping (``revq_ray.core.optim.clip_grad_norms_``) and
-  fused AdamW. Same semantics as ``ref`` (equal to rounding; tests/core/test_fast_paths.py).
+  fused AdamW: what the trainer does by default (``train.fused_optimizer`` on, ``train.channels_last``
+  auto). Same semantics as ``ref`` (equal to rounding; tests/core/test_fast_paths.py).
 * ``ours-lazy``: ``ours`` plus sparse codebook gradients and the row-sparse lazy AdamW (``RowSparseAdamW``):
   only looked-up rows are touched. Equal to ``ref`` on rows hit every step; rows hit intermittently follow
   lazy-Adam semantics (see revq_ray/core/optim.py).
@@ -19,10 +20,11 @@ Methods:
   compile time is excluded from the rate and reported as the first step); ``--bf16`` (default on CUDA) adds
   ``ours-lazy+bf16`` (rectifier under bf16 autocast).
 
-Shapes: ``--scale full`` is the published 512T / 256T-B / 256T-L with batch 256. ``--scale cpu`` (default on
-CPU) keeps G, d and the rectifier depth, divides K and the batch by the same factor (so the fraction B / K
-of codebook rows one step can touch is the published one) and uses rectifier width ``--cpu-width`` (64); the
-exact shapes are printed and saved.
+Shapes: ``--scale full`` is the published 512T / 256T-B / 256T-L with batch 256; ``--scale cpu-published``
+keeps the CPU codebooks and batches below with the published rectifier widths (512 / 1024 / 512).
+``--scale cpu`` (default on CPU) keeps G, d and the rectifier depth, divides K and the batch by the same
+factor (so the fraction B / K of codebook rows one step can touch is the published one) and uses
+rectifier width ``--cpu-width`` (64); the exact shapes are printed and saved.
 
 Measured: median wall seconds per step over interleaved repeats (the method order rotates every repeat),
 steps/s, ratio to ``ref`` (median of the per-repeat ratios); on CPU also the process CPU time per step and
@@ -543,6 +545,8 @@ def hardware(device: torch.device) -> str:
 def shapes_for(args) -> dict[str, Shape]:
     if args.scale == "cpu":
         return {k: Shape(v.G, v.K, v.d, args.cpu_width, v.L, v.B) for k, v in CPU.items()}
+    if args.scale == "cpu-published":  # the CPU codebooks and batches with the published rectifier widths
+        return {k: Shape(v.G, v.K, v.d, FULL[k].W, v.L, v.B) for k, v in CPU.items()}
     return {"full": FULL, "quick": QUICK}[args.scale]
 
 
@@ -597,7 +601,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
-        "--scale", choices=["full", "cpu", "quick"], default=None, help="default: cpu on CPU, else full"
+        "--scale",
+        choices=["full", "cpu", "cpu-published", "quick"],
+        default=None,
+        help="default: cpu on CPU, else full; cpu-published: CPU K and batch, published rectifier widths",
     )
     ap.add_argument("--configs", nargs="+", default=list(FULL), choices=list(FULL))
     ap.add_argument(

@@ -156,13 +156,13 @@ class TrainConfig(_Section):
         " DeepSpeed trainer refuses it",
     )
     fused_optimizer: bool = Field(
-        False,
+        True,
         description="torch's fused AdamW kernel (CPU and CUDA): same results to rounding, far fewer passes",
     )
-    channels_last: bool = Field(
-        False,
-        description="rectifier convs in channels_last layout (faster on CPU; same results to rounding);"
-        " ZeRO stage 0 only",
+    channels_last: bool | None = Field(
+        None,
+        description="rectifier convs in channels_last layout (faster; same results to rounding); ZeRO stage 0"
+        " only. None = auto: on at ZeRO stage 0, off otherwise",
     )
     log_every: int = Field(50, ge=1, description="steps between metric reports")
     val_every: int = Field(0, ge=0, description="steps between validation passes; 0 = once per epoch")

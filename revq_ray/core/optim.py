@@ -248,7 +248,7 @@ def build_train_optimizer(model: ReVQModel, train: TrainConfig) -> RowSparseAdam
             f"train.sparse_codebook_optimizer=true needs train.zero_stage=0 (got {train.zero_stage}): "
             "ZeRO 1/2 partition dense gradients; set one of them back"
         )
-    if train.channels_last:
+    if train.channels_last or (train.channels_last is None and train.zero_stage == 0):  # None = auto
         # Only 4-D conv weights change layout (Module.to leaves other tensors alone); values are unchanged.
         model.rectifier.to(memory_format=torch.channels_last)
     return build_optimizer(

@@ -360,16 +360,18 @@ def sample_init_tokens(
 # --------------------------------------------------------------------------------------------- bounded init
 def _read_shard_latents(
     fs: Any, path: str, decoder: _LatentDecoder, threshold: int | None
-) -> tuple[list[np.ndarray], int]:
-    """The training latents of one tar shard (hold-out keys dropped) and how many members were unusable."""
+) -> tuple[list[np.ndarray], int, int]:
+    """The training latents of one tar shard (hold-out keys dropped), how many members were unusable, and how
+    many latent members the shard held in all (fewer than the manifest says: the shard was cut short)."""
     out: list[np.ndarray] = []
-    bad = 0
+    bad = seen = 0
     with fs.open_input_stream(path, compression=None) as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
             base = os.path.basename(member.name)
             key, _, ext = base.partition(".")
             if ext != "latent.npy" or not member.isfile():
                 continue
+            seen += 1
             if threshold is not None and is_val_key(key, threshold):
                 continue
             data = tar.extractfile(member).read()  # type: ignore[union-attr]
@@ -377,7 +379,7 @@ def _read_shard_latents(
                 out.append(decoder._npy({"__key__": key, "__url__": path, "latent.npy": data}, "latent.npy"))
             except LatentDataError:
                 bad += 1
-    return out, bad
+    return out, bad, seen
 
 
 def sample_init_tokens_bounded(
@@ -396,8 +398,9 @@ def sample_init_tokens_bounded(
     where :func:`sample_init_tokens` streams everything. Each of the ``layout_tokens`` groups then takes its
     own seeded permutation of those latents, so row i of two groups comes from different latents. Latents in
     the hash hold-out of ``val_items`` (see :func:`train_val_datasets`) are never used; unreadable members
-    and shards are skipped and counted. Deterministic for ``seed``. ``info``: shards read, latents read,
-    members and shards skipped.
+    and shards are skipped and counted, shards holding fewer latents than the manifest lists are counted as
+    short. Deterministic for ``seed``. ``info``: shards read, latents read, members and shards skipped,
+    shards short.
     """
     import torch
 
@@ -412,17 +415,22 @@ def sample_init_tokens_bounded(
     decoder = _LatentDecoder(tuple(manifest.latent_shape), manifest.dtype, False, False)
     order = np.random.default_rng([seed, 0x1A17]).permutation(len(manifest.shards))
     latents: list[np.ndarray] = []
-    info = {"shards_read": 0, "latents": 0, "members_skipped": 0, "shards_skipped": 0}
+    info = {"shards_read": 0, "latents": 0, "members_skipped": 0, "shards_skipped": 0, "shards_short": 0}
     for i in order:
         if len(latents) >= n:
             break
         path = _fs.resolve(_fs.join(manifest.root, manifest.shards[i].name), filesystem)[1]
         try:
-            got, bad = _read_shard_latents(fs, path, decoder, threshold)
-        except (OSError, EOFError, tarfile.TarError) as err:  # a truncated or corrupt shard
+            got, bad, seen = _read_shard_latents(fs, path, decoder, threshold)
+        except (OSError, EOFError, tarfile.TarError) as err:  # a corrupt shard
             log.warning("codebook init: shard %s unreadable (%s); skipped", path, err)
             info["shards_skipped"] += 1
             continue
+        if seen < manifest.shards[i].count:  # cut short between members: use what is there, say so
+            log.warning(
+                "codebook init: shard %s holds %d of %d latents", path, seen, manifest.shards[i].count
+            )
+            info["shards_short"] += 1
         latents.extend(got)
         info["shards_read"] += 1
         info["members_skipped"] += bad

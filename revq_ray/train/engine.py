@@ -85,11 +85,16 @@ def check_fast_paths(train: TrainConfig) -> None:
             "wired into the DeepSpeed trainer yet (DeepSpeed reduces and steps dense gradients). Use it from "
             "your own loop with revq_ray.core.optim.build_train_optimizer, or set it back to false"
         )
-    if train.channels_last and train.zero_stage != 0:
+    if train.channels_last is True and train.zero_stage != 0:
         raise ValueError(
             f"train.channels_last=true needs train.zero_stage=0 (got {train.zero_stage}): ZeRO 1/2 flatten "
             "parameters into contiguous buffers; set one of them back"
         )
+
+
+def channels_last(train: TrainConfig) -> bool:
+    """Whether the rectifier's convs run channels_last: as set, or (None = auto) at ZeRO stage 0."""
+    return train.zero_stage == 0 if train.channels_last is None else train.channels_last
 
 
 def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
@@ -198,7 +203,7 @@ def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple
     # DeepSpeed rebuilds the group dicts; remember the base lr on the live ones for the schedule.
     for g, lr in zip(optimizer.param_groups, base):
         g["base_lr"] = lr
-    if train.channels_last:
+    if channels_last(train):
         # After initialize: DeepSpeed's initial broadcast views parameters as bytes and needs the default
         # layout. Module.to swaps each conv weight's data in place (same Parameter objects, so the optimizer
         # still holds them; its state is created at the first step); values are unchanged.

@@ -142,3 +142,42 @@ def test_reservoir_memory_is_o_n():
     tracemalloc.stop()
     assert res.seen == 200 * 256
     assert peak < 2_000_000  # about one batch (256 KB) plus the reservoir, never the stream
+
+
+def test_bounded_init_sample_reads_few_shards_and_never_the_hold_out(tmp_path):
+    """The trainer's codebook-init sample: a bounded read (about n latents, not the dataset), training keys
+    only, deterministic, one independent permutation per group; a truncated shard is skipped and counted."""
+    import io
+    import tarfile
+
+    from revq_ray.data.reader import is_val_key, sample_init_tokens_bounded, val_threshold
+    from revq_ray.data.shards import read_manifest
+
+    out = tmp_path / "many"
+    write_synthetic_shards(out, 1000, SHAPE, shard_size=50, seed=3)  # 20 shards
+    manifest = read_manifest(out)
+    thr = val_threshold(manifest.count, 500)  # half held out: a hold-out leak would show
+    latents = {}
+    for s in manifest.shards:
+        with tarfile.open(out / s.name) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".latent.npy"):
+                    latents[m.name.split(".")[0]] = np.load(io.BytesIO(tar.extractfile(m).read()))
+    train_rows = {tuple(v.reshape(4, -1)[0]) for k, v in latents.items() if not is_val_key(k, thr)}
+    tokens, info = sample_init_tokens_bounded(out, 4, 40, seed=1, val_items=500)
+    assert tokens.shape == (40, 4, 4) and tokens.dtype == torch.float32
+    assert info["shards_read"] <= 4 < len(manifest.shards), info  # ~2 shards of 25 train latents each
+    assert {tuple(r) for r in tokens[:, 0].numpy()} <= train_rows
+    again, _ = sample_init_tokens_bounded(out, 4, 40, seed=1, val_items=500)
+    assert torch.equal(tokens, again)
+    other, _ = sample_init_tokens_bounded(out, 4, 40, seed=2, val_items=500)
+    assert not torch.equal(tokens, other)
+    # groups are permuted independently: row i of group 0 and group 1 come from different latents
+    assert not torch.equal(tokens[:, 0], tokens[:, 1])
+    # a shard cut mid-member is skipped and counted, never a crash
+    for s in manifest.shards[::2]:
+        p = out / s.name
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+    tokens, info = sample_init_tokens_bounded(out, 4, 40, seed=1, val_items=500)
+    assert info["shards_short"] + info["shards_skipped"] >= 1 and tokens.shape == (40, 4, 4), info
+    assert {tuple(r) for r in tokens[:, 0].numpy()} <= train_rows

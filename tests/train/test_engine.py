@@ -197,6 +197,10 @@ def test_fast_path_options_the_trainer_cannot_honour_are_refused():
     with pytest.raises(ValueError, match="train.channels_last=true needs train.zero_stage=0"):
         eng.check_fast_paths(TrainConfig(channels_last=True, zero_stage=2))
     eng.check_fast_paths(TrainConfig(channels_last=True, fused_optimizer=True))
+    # the fast paths are the trainer's defaults: fused AdamW always, channels_last where ZeRO allows it
+    assert TrainConfig().fused_optimizer is True
+    assert eng.channels_last(TrainConfig()) is True and eng.channels_last(TrainConfig(zero_stage=2)) is False
+    eng.check_fast_paths(TrainConfig(zero_stage=2))  # auto channels_last is no conflict
     assert eng.deepspeed_config(TrainConfig(fused_optimizer=True), 1)["optimizer"]["params"]["fused"] is True
 
 

@@ -101,17 +101,25 @@ def test_worker_failure_is_recovered_without_repeating_or_losing_steps(ray_local
 
 
 def test_rerun_with_same_name_resumes(ray_local, latent_shards, tmp_path):
+    """In bf16 (DeepSpeed's torch_autocast on CPU, the GPU default), fresh and resumed."""
     k = 4
-    first = _run(make_cfg(latent_shards, tmp_path, "resume", **{"train.epochs": 10, "train.max_steps": k}))
+    bf16 = {"train.epochs": 10, "train.precision": "bf16"}
+    first = _run(make_cfg(latent_shards, tmp_path, "resume", **{**bf16, "train.max_steps": k}))
     assert first.metrics["step"] == k
-    second = _run(
-        make_cfg(latent_shards, tmp_path, "resume", **{"train.epochs": 10, "train.max_steps": 2 * k})
-    )
+    second = _run(make_cfg(latent_shards, tmp_path, "resume", **{**bf16, "train.max_steps": 2 * k}))
     assert second.metrics["step"] == 2 * k
     run_dir = tmp_path / "resume"
     starts = (run_dir / "starts.csv").read_text().split()[1:]
     assert [int(s.split(",")[1]) for s in starts] == [0, k]
-    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 2 * k + 1))
+    rows = read_metrics(run_dir)
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * k + 1))
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    # the exported model (fp32, as the Tokenizer runs it) picks the codes training picked: bf16 touched only
+    # the rectifier
+    from revq_ray.core.model import ReVQModel
+
+    model = ReVQModel.from_pretrained(str(run_dir / "export" / "latest"))
+    assert model.quantizer.codebook.dtype == torch.float32
 
 
 def test_gq_without_logvar_is_a_clear_error(ray_local, latent_shards, tmp_path):

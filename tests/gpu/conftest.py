@@ -1,0 +1,21 @@
+"""The GPU tier (``pytest -m gpu``): skipped with a reason where CUDA is absent; never needed by the default
+run. ``benchmarks/gpu_check.sh`` runs it first whenever a GPU is at hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine): run `pytest -m gpu` on a GPU host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def gpus() -> int:
+    return torch.cuda.device_count()
