@@ -11,11 +11,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from revq_ray.runtime import is_uri
+
+__all__ = ["exists", "is_file", "is_uri", "join", "makedirs", "read_bytes", "resolve", "write_bytes_atomic"]
+
 _NATIVE_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "file", "mock"}
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
 
 
 def resolve(location: str | os.PathLike, filesystem: Any = None) -> tuple[Any, str]:

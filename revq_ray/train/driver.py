@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
 from revq_ray.core.layout import TokenLayout
+from revq_ray.runtime import absolute, get_logger, init_ray, is_uri
 from revq_ray.train import engine as eng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,46 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "revq_ray" / "torch_extensions"
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.train] {msg}", flush=True)
-
-
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _abs(path: str) -> str:
-    """Local paths become absolute (workers do not share the driver's working directory); URIs stay."""
-    return path if not path or _is_uri(path) else str(Path(path).expanduser().resolve())
+_log = get_logger("revq_ray.train").info
 
 
 # --------------------------------------------------------------------------------------------- ray
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster or start a local Ray.
-
-    Joins ``address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit`` for the job's driver, or by
-    the user). Otherwise starts a private local instance with ``num_cpus`` logical CPUs (default: at least 8,
-    above the core count, so Ray Data's readers are not starved by the training workers' reservations). It
-    never attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        _log(f"joined Ray cluster at {address}: {ray.cluster_resources()}")
-    else:
-        n = num_cpus or max(8, os.cpu_count() or 1)
-        # A busy laptop can take more than Ray's default minute to register the raylet.
-        os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
-        # The dashboard (on 127.0.0.1; another free port when 8265 is taken) serves the state API that Ray
-        # Train's placement-group cleaner polls: without it the driver log fills with its warnings.
-        ray.init(num_cpus=n)
-        _log(f"started a local Ray with {n} logical CPUs")
-
-
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars flood job logs; the training loop prints its own progress."""
     from ray.data import DataContext
@@ -92,7 +57,7 @@ def _ensure_shards(cfg: RunConfig) -> None:
     """Write synthetic shards where ``data.shards`` points if it holds none and ``train.synthetic_items`` > 0
     (the debug preset does this, so it runs anywhere with no data)."""
     shards = cfg.data.shards
-    if not shards or _is_uri(shards) or (Path(shards) / "manifest.json").is_file():
+    if not shards or is_uri(shards) or (Path(shards) / "manifest.json").is_file():
         return
     n = cfg.train.synthetic_items
     if n <= 0:
@@ -164,9 +129,9 @@ def plan_run(
     if tc.max_steps:
         total = min(total, tc.max_steps)
 
-    storage = _abs(storage_path or cfg.output_dir)
+    storage = absolute(storage_path or cfg.output_dir)
     name = run_name or cfg.name
-    if _is_uri(storage):
+    if is_uri(storage):
         run_dir = str(Path.home() / ".cache" / "revq_ray" / "runs" / name)
     else:
         run_dir = str(Path(storage) / name)
@@ -199,9 +164,9 @@ def plan_run(
 def resolve_paths(cfg: RunConfig) -> RunConfig:
     """A copy of ``cfg`` with local paths made absolute."""
     data = cfg.data.model_copy(
-        update={"shards": _abs(cfg.data.shards), "val_shards": _abs(cfg.data.val_shards)}
+        update={"shards": absolute(cfg.data.shards), "val_shards": absolute(cfg.data.val_shards)}
     )
-    return cfg.model_copy(update={"data": data, "output_dir": _abs(cfg.output_dir)})
+    return cfg.model_copy(update={"data": data, "output_dir": absolute(cfg.output_dir)})
 
 
 def worker_env(cfg: RunConfig) -> dict[str, str]:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from revq_ray.config import RunConfig
+from revq_ray.runtime import get_logger
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
 from revq_ray.train.logs import RunLogger, progress_line
@@ -47,8 +48,7 @@ FAIL_MARKER = ".fail_at_step.done"
 _REPORT_INTERVAL_S = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.train] {msg}", flush=True)
+_log = get_logger("revq_ray.train").info
 
 
 class _Dist:

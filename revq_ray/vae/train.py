@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from revq_ray.config import _Section, dump_config
+from revq_ray.runtime import get_logger
 from revq_ray.vae.audio import MelFrontEnd, crop_or_pad, frame_mask, list_audio_files, load_audio
 from revq_ray.vae.builtin import ImageConvVAE, MelVAE
 from revq_ray.vae.images import batch_to_vae_input, list_image_files, read_idx_images, to_vae_input
@@ -114,8 +115,7 @@ class VAETrainConfig(_Section):
         return max(4, 4 * round(frames / 4))
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.vae] {msg}", flush=True)
+_log = get_logger("revq_ray.vae").info
 
 
 # ------------------------------------------------------------------------------------------------ data
