@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from revq_ray.runtime import add_set_argument, set_dotted
+
 # Each row: name -> (description, config overrides on model.quantizer / model.rectifier)
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "revq": ("ReVQ: grouped VQ + non-activation reset + rectifier", {"quantizer.type": "revq"}),
@@ -118,14 +120,6 @@ def codebook_size_for(bits: float, tokens: int) -> int:
     return k
 
 
-def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    node = d
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
 def run_name(row: str, tokens: int, k: int, steps: int) -> str:
     return f"{row}-T{tokens}-K{k}-s{steps}"
 
@@ -147,16 +141,16 @@ def row_config(
     # steps must start fresh rather than resume a run of another shape.
     cfg["name"] = run_name(row, tokens, k, steps)
     cfg["output_dir"] = str(output / "runs")
-    _set(cfg, "data.shards", shards)
-    _set(cfg, "data.val_shards", val_shards)
-    _set(cfg, "model.quantizer.tokens", tokens)
-    _set(cfg, "model.quantizer.codebook_size", k)
-    _set(cfg, "train.max_steps", steps)
+    set_dotted(cfg, "data.shards", shards)
+    set_dotted(cfg, "data.val_shards", val_shards)
+    set_dotted(cfg, "model.quantizer.tokens", tokens)
+    set_dotted(cfg, "model.quantizer.codebook_size", k)
+    set_dotted(cfg, "train.max_steps", steps)
     cfg.setdefault("train", {}).setdefault("epochs", 1000)
     cfg["train"]["epochs"] = max(int(cfg["train"]["epochs"]), 1000)  # max_steps decides, not epochs
     cfg["train"].pop("synthetic_items", None)  # never write synthetic data into a comparison
     for key, value in ROWS[row][1].items():
-        _set(cfg, f"model.{key}", value)
+        set_dotted(cfg, f"model.{key}", value)
     return cfg
 
 
@@ -423,14 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=None, help="base run preset YAML (default: a built-in small CPU preset)"
     )
     p.add_argument("--rows", default=None, help=f"comma-separated subset of rows: {','.join(ROWS)}")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base-config value for every row, e.g. --set train.lr=0.005",
-    )
+    add_set_argument(p, help="override a base-config value for every row, e.g. --set train.lr=0.005")
     return p
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
 from revq_ray.core.layout import TokenLayout
-from revq_ray.runtime import absolute, get_logger, init_ray, is_uri
+from revq_ray.runtime import absolute, add_set_argument, get_logger, init_ray, is_uri
 from revq_ray.train import engine as eng
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -270,14 +270,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a preset YAML (configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
-    )
+    add_set_argument(p, help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument(
         "--address",
         default=None,

@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from revq_ray.config import _Section, dump_config
+from revq_ray.config import Section, dump_config
 from revq_ray.runtime import get_logger
 from revq_ray.vae.audio import MelFrontEnd, crop_or_pad, frame_mask, list_audio_files, load_audio
 from revq_ray.vae.builtin import ImageConvVAE, MelVAE
 from revq_ray.vae.images import batch_to_vae_input, list_image_files, read_idx_images, to_vae_input
 
 
-class VAETrainConfig(_Section):
+class VAETrainConfig(Section):
     """A built-in VAE training preset (``configs/vae_*.yaml``); every field can be overridden with --set."""
 
     input: str = Field(..., min_length=1, description="image folder, IDX image file (.gz ok) or audio folder")
