@@ -53,7 +53,7 @@ def quiet_data_progress() -> None:
 
 
 # --------------------------------------------------------------------------------------------- planning
-def _ensure_shards(cfg: RunConfig) -> None:
+def ensure_shards(cfg: RunConfig) -> None:
     """Write synthetic shards where ``data.shards`` points if it holds none and ``train.synthetic_items`` > 0
     (the debug preset does this, so it runs anywhere with no data)."""
     shards = cfg.data.shards
@@ -210,7 +210,7 @@ def build_trainer(
     init_ray()
     quiet_data_progress()
     cfg = resolve_paths(cfg)
-    _ensure_shards(cfg)
+    ensure_shards(cfg)
     plan = plan_run(cfg, storage_path=storage_path, run_name=run_name)
     datasets = plan.pop("_datasets")
     tc = cfg.train
