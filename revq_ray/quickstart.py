@@ -511,10 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_quickstart(args.output, fast=args.fast, fresh=args.fresh, threads=args.threads)
     except KeyboardInterrupt:
-        print(
-            "\n[quickstart] interrupted: re-run the same command to continue where it stopped",
-            file=sys.stderr,
-        )
+        _log("interrupted: re-run the same command to continue where it stopped")
         return 130
     return 0
 
