@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from revq_ray.config import parse_config
     from revq_ray.data.encode import encode_to_shards
     from revq_ray.eval.evaluate import evaluate
+    from revq_ray.runtime import init_ray
     from revq_ray.train import run
-    from revq_ray.train.driver import init_ray
 
     init_ray()
     t0 = time.perf_counter()

@@ -18,24 +18,18 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
-# name -> (one-line help, candidate modules in order; the first one that defines ``main`` is used)
-COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+# name -> (one-line help, the module whose ``main(argv)`` runs it)
+COMMANDS: dict[str, tuple[str, str]] = {
     "quickstart": (
         "offline end-to-end demo: photos -> built-in VAE -> latents -> ReVQ -> report",
-        ("revq_ray.quickstart",),
+        "revq_ray.quickstart",
     ),
-    "encode": ("media -> VAE latent shards + manifest (Ray Data)", ("revq_ray.encode",)),
-    "train": (
-        "train a quantizer + rectifier on latent shards (Ray Train + DeepSpeed)",
-        ("revq_ray.train", "revq_ray.train.__main__", "revq_ray.train.cli"),
-    ),
-    "tune": ("hyperparameter search over train (Ray Tune)", ("revq_ray.tune",)),
-    "eval": ("metrics and a report for a trained model", ("revq_ray.eval", "revq_ray.eval.__main__")),
-    "compare": ("ReVQ vs SimVQ vs GQ vs VQ (+ ablations) at equal bits", ("revq_ray.compare",)),
-    "vae": (
-        "train / inspect the built-in Gaussian VAEs",
-        ("revq_ray.vae.__main__", "revq_ray.vae.train", "revq_ray.vae"),
-    ),
+    "encode": ("media -> VAE latent shards + manifest (Ray Data)", "revq_ray.encode"),
+    "train": ("train a quantizer + rectifier on latent shards (Ray Train + DeepSpeed)", "revq_ray.train"),
+    "tune": ("hyperparameter search over train (Ray Tune)", "revq_ray.tune"),
+    "eval": ("metrics and a report for a trained model", "revq_ray.eval"),
+    "compare": ("ReVQ vs SimVQ vs GQ vs VQ (+ ablations) at equal bits", "revq_ray.compare"),
+    "vae": ("train / inspect the built-in Gaussian VAEs", "revq_ray.vae.__main__"),
 }
 
 
@@ -58,24 +52,16 @@ def usage() -> str:
 
 
 def resolve(command: str) -> Callable[[list[str]], int | None]:
-    """The ``main(argv)`` of a subcommand; raises ``SystemExit(2)`` with a clear message when unavailable."""
+    """The ``main(argv)`` of a subcommand; raises ``SystemExit`` with a clear message when unavailable."""
     if command not in COMMANDS:
         raise KeyError(command)
-    errors = []
-    for module_name in COMMANDS[command][1]:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            # Only swallow "this candidate does not exist"; a broken import inside it is a real error.
-            if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-                errors.append(f"{module_name}: not found")
-                continue
-            raise
-        main = getattr(module, "main", None)
-        if callable(main):
-            return main
-        errors.append(f"{module_name}: has no main(argv)")
-    raise SystemExit(f"revq-ray {command}: this subcommand is not available ({'; '.join(errors)})")
+    module_name = COMMANDS[command][1]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # A missing optional dependency of one subcommand must not look like a crash of the others.
+        raise SystemExit(f"revq-ray {command}: this subcommand is not available ({err})") from None
+    return module.main
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,6 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from revq_ray.runtime import add_set_argument, get_logger, set_dotted
+
+_log = get_logger("revq_ray.compare").info
+
 # Each row: name -> (description, config overrides on model.quantizer / model.rectifier)
 ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "revq": ("ReVQ: grouped VQ + non-activation reset + rectifier", {"quantizer.type": "revq"}),
@@ -118,14 +122,6 @@ def codebook_size_for(bits: float, tokens: int) -> int:
     return k
 
 
-def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
-    node = d
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-
-
 def run_name(row: str, tokens: int, k: int, steps: int) -> str:
     return f"{row}-T{tokens}-K{k}-s{steps}"
 
@@ -147,16 +143,16 @@ def row_config(
     # steps must start fresh rather than resume a run of another shape.
     cfg["name"] = run_name(row, tokens, k, steps)
     cfg["output_dir"] = str(output / "runs")
-    _set(cfg, "data.shards", shards)
-    _set(cfg, "data.val_shards", val_shards)
-    _set(cfg, "model.quantizer.tokens", tokens)
-    _set(cfg, "model.quantizer.codebook_size", k)
-    _set(cfg, "train.max_steps", steps)
+    set_dotted(cfg, "data.shards", shards)
+    set_dotted(cfg, "data.val_shards", val_shards)
+    set_dotted(cfg, "model.quantizer.tokens", tokens)
+    set_dotted(cfg, "model.quantizer.codebook_size", k)
+    set_dotted(cfg, "train.max_steps", steps)
     cfg.setdefault("train", {}).setdefault("epochs", 1000)
     cfg["train"]["epochs"] = max(int(cfg["train"]["epochs"]), 1000)  # max_steps decides, not epochs
     cfg["train"].pop("synthetic_items", None)  # never write synthetic data into a comparison
     for key, value in ROWS[row][1].items():
-        _set(cfg, f"model.{key}", value)
+        set_dotted(cfg, f"model.{key}", value)
     return cfg
 
 
@@ -166,6 +162,132 @@ def _metric(m: dict[str, Any], *names: str) -> float:
         if isinstance(v, int | float) and not isinstance(v, bool):
             return float(v)
     return math.nan
+
+
+@dataclass
+class _Plan:
+    """What every row of one comparison shares: the data, the base config and the rate."""
+
+    manifest: Any
+    base: dict[str, Any]
+    tokens: int
+    k: int
+    actual_bits: float
+    names: list[str]
+
+
+def _plan_compare(
+    shards: str,
+    bits: float,
+    tokens: int | None,
+    val_shards: str,
+    base: dict[str, Any] | None,
+    rows: Sequence[str] | None,
+    overrides: Sequence[str],
+) -> _Plan:
+    """Read the manifest, pick T (the base's, else the largest valid one with d >= 4) and K for ``bits``."""
+    from revq_ray.config import apply_overrides
+    from revq_ray.core.layout import TokenLayout, valid_token_counts
+    from revq_ray.data.shards import read_manifest
+
+    manifest = read_manifest(shards)
+    base = apply_overrides(copy.deepcopy(base or DEFAULT_BASE), list(overrides))
+    numel = math.prod(manifest.latent_shape)
+    if tokens is None:
+        tokens = int(base.get("model", {}).get("quantizer", {}).get("tokens", 0) or 0)
+        if not tokens or numel % tokens:
+            # the largest valid T with d >= 4 (ReVQ's 512T setting has d = 4)
+            tokens = max([t for t in valid_token_counts(numel) if numel // t >= 4] or [1])
+    TokenLayout(manifest.latent_shape, tokens)  # clear error naming --tokens and the valid choices
+    k = codebook_size_for(bits, tokens)
+    if not val_shards:
+        # hold out a slice of the shards; never more than an eighth of a small set
+        base.setdefault("data", {})
+        base["data"]["val_items"] = max(1, min(int(base["data"].get("val_items", 256)), manifest.count // 8))
+    names = list(rows or ROWS)
+    unknown = [r for r in names if r not in ROWS]
+    if unknown:
+        raise ValueError(f"--rows {unknown}: unknown; choose from {list(ROWS)}")
+    return _Plan(manifest, base, tokens, k, tokens * math.log2(k), names)
+
+
+def _fill_metrics(row: Row, m: dict[str, Any], k: int, rectifier: str) -> None:
+    """Copy the last report of a row's training run into its table row."""
+    row.val_mse = _metric(m, "val_mse")
+    row.val_mse_norect = _metric(m, "val_mse_norect")
+    row.usage = _metric(m, "usage_mean")
+    row.perplexity_over_k = _metric(m, "perplexity") / k
+    row.dead_codes = _metric(m, "dead_codes")
+    row.steps = int(_metric(m, "step")) if math.isfinite(_metric(m, "step")) else 0
+    row.run_dir = str(m.get("run_dir") or row.run_dir)
+    if m.get("val_source") == "train":
+        row.note = "no validation split: val_mse is the training loss"
+    if rectifier == "identity" and math.isnan(row.val_mse_norect):
+        row.val_mse_norect = row.val_mse
+
+
+def _run_row(
+    name: str,
+    plan: _Plan,
+    *,
+    shards: str,
+    val_shards: str,
+    steps: int,
+    output: Path,
+    log: Callable[[str], None],
+    where: str,
+) -> Row:
+    """Train one row, or skip it when its method cannot run on these shards; a failed run is a row too."""
+    from revq_ray.config import ConfigError, parse_config
+    from revq_ray.train import run as train_run
+
+    cfg_dict = row_config(
+        plan.base, name, shards=shards, val_shards=val_shards, tokens=plan.tokens, k=plan.k, steps=steps,
+        output=output,
+    )  # fmt: skip
+    try:
+        cfg = parse_config(cfg_dict)
+    except ConfigError as err:
+        raise ConfigError(f"compare row {name!r}: {err}") from None
+    q, r = cfg.model.quantizer, cfg.model.rectifier
+    row = Row(
+        name=name,
+        description=ROWS[name][0],
+        quantizer=q.type,
+        rectifier=r.type,
+        reset=bool(q.reset.enabled) and q.type in ("revq", "vq"),
+        tokens=plan.tokens,
+        codebook_size=plan.k,
+        bits_per_sample=plan.actual_bits,
+        run_dir=str(output / "runs" / cfg.name),
+    )
+    if q.type == "gq" and not plan.manifest.has_logvar:
+        row.status = "skipped"
+        row.note = (
+            "GQ needs posterior log-variances: these shards hold latents only "
+            "(encode with a Gaussian VAE and --logvar to include GQ)"
+        )
+        log(f"{where} {name}: skipped - {row.note}")
+        return row
+    log(f"{where} {name}: {row.description}")
+    t0 = time.perf_counter()
+    try:
+        result = train_run(cfg)
+        m = dict(result.metrics or {})
+        if getattr(result, "error", None):
+            raise RuntimeError(str(result.error))
+    except Exception as err:  # keep going: one failing method must not hide the others
+        row.status = "failed"
+        row.note = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+        log(f"{name} failed: {row.note}")
+        return row
+    row.train_s = round(time.perf_counter() - t0, 1)
+    _fill_metrics(row, m, plan.k, r.type)
+    log(
+        f"{name}: val_mse {row.val_mse:.4f} (without rectifier {row.val_mse_norect:.4f}), "
+        f"usage {100 * row.usage:.1f}%, {row.train_s:.0f}s"
+    )
+    return row
 
 
 def compare(
@@ -179,113 +301,39 @@ def compare(
     base: dict[str, Any] | None = None,
     rows: Sequence[str] | None = None,
     overrides: Sequence[str] = (),
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> list[Row]:
     """Train every row of :data:`ROWS` (or ``rows``) on ``shards`` at ``bits`` bits per sample.
 
     Returns the table. A row that cannot run on this data (GQ without log-variances) is kept with
-    ``status="skipped"`` and a note;
-    a row whose training fails is kept with ``status="failed"`` and the error, so one bad method never hides
-    the others.
+    ``status="skipped"`` and a note; a row whose training fails is kept with ``status="failed"`` and the
+    error, so one bad method never hides the others. ``log`` gets progress lines (default: the
+    ``revq_ray.compare`` logger).
     """
-    from revq_ray.config import ConfigError, apply_overrides, parse_config
-    from revq_ray.core.layout import TokenLayout, valid_token_counts
-    from revq_ray.data.shards import read_manifest
-
+    log = log or _log
     output = Path(output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(shards)
-    base = copy.deepcopy(base or DEFAULT_BASE)
-    base = apply_overrides(base, list(overrides))
-    numel = math.prod(manifest.latent_shape)
-    if tokens is None:
-        tokens = int(base.get("model", {}).get("quantizer", {}).get("tokens", 0) or 0)
-        if not tokens or numel % tokens:
-            # the largest valid T with d >= 4 (ReVQ's 512T setting has d = 4)
-            tokens = max([t for t in valid_token_counts(numel) if numel // t >= 4] or [1])
-    TokenLayout(manifest.latent_shape, tokens)  # clear error naming --tokens and the valid choices
-    k = codebook_size_for(bits, tokens)
-    actual_bits = tokens * math.log2(k)
-    if not val_shards:
-        # hold out a slice of the shards; never more than an eighth of a small set
-        base.setdefault("data", {})
-        base["data"]["val_items"] = max(1, min(int(base["data"].get("val_items", 256)), manifest.count // 8))
-    names = list(rows or ROWS)
-    unknown = [r for r in names if r not in ROWS]
-    if unknown:
-        raise ValueError(f"--rows {unknown}: unknown; choose from {list(ROWS)}")
+    plan = _plan_compare(shards, bits, tokens, val_shards, base, rows, overrides)
     log(
-        f"[compare] {manifest.count} latents {manifest.latent_shape} from {shards}: "
-        f"T={tokens} tokens x K={k} codes "
-        f"= {actual_bits:g} bits/sample (asked {bits:g}); {steps} steps per row; rows: {', '.join(names)}"
+        f"{plan.manifest.count} latents {plan.manifest.latent_shape} from {shards}: "
+        f"T={plan.tokens} tokens x K={plan.k} codes = {plan.actual_bits:g} bits/sample (asked {bits:g}); "
+        f"{steps} steps per row; rows: {', '.join(plan.names)}"
     )
-    from revq_ray.train import run as train_run
-
-    table: list[Row] = []
-    for i, name in enumerate(names, 1):
-        cfg_dict = row_config(
-            base, name, shards=shards, val_shards=val_shards, tokens=tokens, k=k, steps=steps, output=output
-        )
-        try:
-            cfg = parse_config(cfg_dict)
-        except ConfigError as err:
-            raise ConfigError(f"compare row {name!r}: {err}") from None
-        q, r = cfg.model.quantizer, cfg.model.rectifier
-        row = Row(
-            name=name,
-            description=ROWS[name][0],
-            quantizer=q.type,
-            rectifier=r.type,
-            reset=bool(q.reset.enabled) and q.type in ("revq", "vq"),
-            tokens=tokens,
-            codebook_size=k,
-            bits_per_sample=actual_bits,
-            run_dir=str(output / "runs" / cfg.name),
-        )
-        if q.type == "gq" and not manifest.has_logvar:
-            row.status = "skipped"
-            row.note = (
-                "GQ needs posterior log-variances: these shards hold latents only "
-                "(encode with a Gaussian VAE and --logvar to include GQ)"
-            )
-            log(f"[compare] ({i}/{len(names)}) {name}: skipped - {row.note}")
-            table.append(row)
-            continue
-        log(f"[compare] ({i}/{len(names)}) {name}: {row.description}")
-        t0 = time.perf_counter()
-        try:
-            result = train_run(cfg)
-            m = dict(result.metrics or {})
-            if getattr(result, "error", None):
-                raise RuntimeError(str(result.error))
-        except Exception as err:  # keep going: one failing method must not hide the others
-            row.status = "failed"
-            row.note = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            log(f"[compare] {name} failed: {row.note}")
-            table.append(row)
-            continue
-        row.train_s = round(time.perf_counter() - t0, 1)
-        row.val_mse = _metric(m, "val_mse")
-        row.val_mse_norect = _metric(m, "val_mse_norect")
-        row.usage = _metric(m, "usage_mean")
-        row.perplexity_over_k = _metric(m, "perplexity") / k
-        row.dead_codes = _metric(m, "dead_codes")
-        row.steps = int(_metric(m, "step")) if math.isfinite(_metric(m, "step")) else 0
-        row.run_dir = str(m.get("run_dir") or row.run_dir)
-        if m.get("val_source") == "train":
-            row.note = "no validation split: val_mse is the training loss"
-        if r.type == "identity" and math.isnan(row.val_mse_norect):
-            row.val_mse_norect = row.val_mse
-        log(
-            f"[compare] {name}: val_mse {row.val_mse:.4f} (without rectifier {row.val_mse_norect:.4f}), "
-            f"usage {100 * row.usage:.1f}%, {row.train_s:.0f}s"
-        )
-        table.append(row)
-    write_outputs(
-        table,
-        output,
-        meta={"shards": shards, "bits_asked": bits, "steps": steps, "latent_shape": manifest.latent_shape},
-    )
+    table = [
+        _run_row(
+            name,
+            plan,
+            shards=shards,
+            val_shards=val_shards,
+            steps=steps,
+            output=output,
+            log=log,
+            where=f"({i}/{len(plan.names)})",
+        )  # fmt: skip
+        for i, name in enumerate(plan.names, 1)
+    ]
+    meta = {"shards": shards, "bits_asked": bits, "steps": steps, "latent_shape": plan.manifest.latent_shape}
+    write_outputs(table, output, meta=meta)
     return table
 
 
@@ -423,14 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default=None, help="base run preset YAML (default: a built-in small CPU preset)"
     )
     p.add_argument("--rows", default=None, help=f"comma-separated subset of rows: {','.join(ROWS)}")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a base-config value for every row, e.g. --set train.lr=0.005",
-    )
+    add_set_argument(p, help="override a base-config value for every row, e.g. --set train.lr=0.005")
     return p
 
 

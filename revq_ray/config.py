@@ -17,17 +17,21 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from revq_ray.runtime import set_dotted
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid. The message names the dotted field and the fix."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, and assignments are validated too."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # --------------------------------------------------------------------------------------------- core
-class ResetConfig(_Section):
+class ResetConfig(Section):
     """Non-activation reset of dead codes (ReVQ)."""
 
     enabled: bool = True
@@ -44,7 +48,7 @@ class ResetConfig(_Section):
     unit: Literal["epochs", "steps"] = "epochs"
 
 
-class QuantizerConfig(_Section):
+class QuantizerConfig(Section):
     """Which quantizer, and its knobs.
 
     ``tokens`` groups of ``codebook_size`` codes, each of dimension latent_size / tokens."""
@@ -85,7 +89,7 @@ class QuantizerConfig(_Section):
         return self.tokens * math.log2(self.codebook_size)
 
 
-class RectifierConfig(_Section):
+class RectifierConfig(Section):
     """The post-quantization rectifier (revq_ray/core/rectifiers.py); it starts as the identity.
 
     vit: EfficientViT blocks as in ReVQ (512T: width 512, depth 3, about 14 M parameters); cnn: DC-AE residual
@@ -108,7 +112,7 @@ class RectifierConfig(_Section):
         return self
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """What :class:`revq_ray.core.model.ReVQModel` is built from (saved in its config.json)."""
 
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
@@ -116,7 +120,7 @@ class ModelConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- data
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the latent shards live (written by ``python -m revq_ray.encode``)."""
 
     shards: str = Field("", description="directory or URI holding manifest.json and *.tar latent shards")
@@ -132,7 +136,7 @@ class DataConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- train
-class TrainConfig(_Section):
+class TrainConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0, description="fractional CPUs leave room for Ray Data")
@@ -189,7 +193,7 @@ class TrainConfig(_Section):
 
 
 # --------------------------------------------------------------------------------------------- run
-class RunConfig(_Section):
+class RunConfig(Section):
     """The root of a training preset (``configs/*.yaml``)."""
 
     name: str = Field("run", min_length=1, description="run name; re-running the same name resumes")
@@ -242,13 +246,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected dotted.key=value, e.g. train.epochs=2")
         key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[parts[-1]] = _coerce_scalar(value)
+        try:
+            set_dotted(out, key, _coerce_scalar(value))
+        except ValueError as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
     return out
 
 

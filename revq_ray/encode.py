@@ -64,15 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import os
 
-    import ray
-
     from revq_ray.data.encode import encode_to_shards
+    from revq_ray.runtime import init_ray
 
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    # Joins $RAY_ADDRESS, else a local Ray sized like Ray's default (one logical CPU per core).
+    init_ray(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False)
     try:
         result = encode_to_shards(
             args.input,

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from revq_ray.runtime import get_logger
+
 TRAIN_PHOTOS = (
     "astronaut",
     "rocket",
@@ -99,8 +101,7 @@ FAST = Sizes(
 )
 
 
-def _log(msg: str) -> None:
-    print(f"[quickstart] {msg}", flush=True)
+_log = get_logger("revq_ray.quickstart").info
 
 
 def _load_photo(name: str):
@@ -415,7 +416,7 @@ def run_quickstart(
 
     import ray
 
-    from revq_ray.train.driver import init_ray
+    from revq_ray.runtime import init_ray
 
     t = time.perf_counter()
     init_ray()
@@ -510,10 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_quickstart(args.output, fast=args.fast, fresh=args.fresh, threads=args.threads)
     except KeyboardInterrupt:
-        print(
-            "\n[quickstart] interrupted: re-run the same command to continue where it stopped",
-            file=sys.stderr,
-        )
+        _log("interrupted: re-run the same command to continue where it stopped")
         return 130
     return 0
 

@@ -222,7 +222,7 @@ class Tokenizer:
             raise ValueError(
                 f"{cfg_file}: version {cfg['version']} is newer than this revq-ray ({VERSION}); upgrade"
             )
-        spec = vae or cls._absolute_spec(cfg["vae"], path)
+        spec = vae or cls.absolute_spec(cfg["vae"], path)
         from revq_ray.core.model import ReVQModel
 
         model = ReVQModel.from_pretrained(str(path / MODEL_SUBDIR)).to(device)
@@ -233,7 +233,8 @@ class Tokenizer:
         return tok
 
     @staticmethod
-    def _absolute_spec(spec: str, bundle_dir: Path) -> str:
+    def absolute_spec(spec: str, bundle_dir: Path) -> str:
+        """A VAE spec saved relative to a bundle (``kind:<bundle>/...``) as an absolute ``kind:/path``."""
         kind, rest = _spec_kind_and_path(spec)
         if rest.startswith(_BUNDLE_PREFIX):
             return f"{kind}:{(bundle_dir / rest[len(_BUNDLE_PREFIX) :]).resolve()}"

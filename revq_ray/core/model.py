@@ -26,19 +26,21 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from revq_ray.config import ModelConfig, parse_config
 from revq_ray.core.layout import TokenLayout
 from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers import QuantOut, ReduceFn, build_quantizer
 from revq_ray.core.rectifiers import build_rectifier
 from revq_ray.core.standardizer import Standardizer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from revq_ray.config import ModelConfig
 
 __all__ = ["ModelOut", "ReVQModel", "total_loss"]
 
@@ -75,6 +77,20 @@ def total_loss(out: ModelOut) -> torch.Tensor:
     return sum(out.losses.values(), torch.zeros((), device=out.latents_rec.device))
 
 
+def _validated_model_config(model: Any) -> ModelConfig:
+    """The full, validated ``ModelConfig`` of a plain dict (``config.json``'s ``model``) or a ``ModelConfig``.
+
+    This is the model's one bridge to :mod:`revq_ray.config` (pydantic), imported here, when a model is
+    built, so that importing :mod:`revq_ray.core` needs no pydantic. Unknown keys and bad values are errors
+    naming the field; missing ones take today's defaults (an old ``config.json`` written with every field
+    keeps its meaning)."""
+    from revq_ray.config import ModelConfig, parse_config
+
+    if isinstance(model, ModelConfig):
+        return model.model_copy(deep=True)  # later edits to the caller's object must not desync us
+    return parse_config(dict(model or {}), ModelConfig)
+
+
 class ReVQModel(
     nn.Module,
     PyTorchModelHubMixin,
@@ -93,10 +109,7 @@ class ReVQModel(
 
     def __init__(self, latent_shape: list[int], model: dict[str, Any] | None = None):
         super().__init__()
-        if isinstance(model, ModelConfig):
-            cfg = model.model_copy(deep=True)  # later edits to the caller's object must not desync us
-        else:
-            cfg = parse_config(dict(model or {}), ModelConfig)
+        cfg = _validated_model_config(model)
         self.cfg: ModelConfig = cfg
         self.layout = TokenLayout(latent_shape, cfg.quantizer.tokens)
         self.standardizer = Standardizer(self.layout.latent_shape)

@@ -21,11 +21,14 @@ This module is pure PyTorch on purpose (no diffusers): the blocks are a few doze
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from revq_ray.config import RectifierConfig
+if TYPE_CHECKING:  # pragma: no cover - the bridge reads a config object; the core never imports pydantic
+    from revq_ray.config import RectifierConfig
 
 __all__ = [
     "RMSNorm",
@@ -250,6 +253,9 @@ class IdentityRectifier(_ShapeAdapter):
 
 def build_rectifier(cfg: RectifierConfig, channels: int, spatial_dims: int = 2) -> nn.Module:
     """Build the rectifier named by ``cfg.type`` for latents with ``channels`` channels.
+
+    The bridge from config to the plain-argument modules above: ``cfg`` is a
+    :class:`~revq_ray.config.RectifierConfig` (or any object with its fields); nothing here imports it.
 
     ``spatial_dims`` = 2 for image latents (B, C, H, W) (also accepts (B, C, L) as (B, C, L, 1)); 1 for audio
     latents (B, C, L) with Conv1d throughout. The result maps its input to a tensor of the same shape.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,13 +48,13 @@ from revq_ray.data.sources import (
     read_idx_range,
     read_item_bytes,
 )
+from revq_ray.runtime import get_logger, init_ray
 
 MIN_CROP_FRACTION = 0.25
 _DECODE_CHUNK = 64  # decoded items per output block of a read task (keeps blocks small for big images)
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.encode] {msg}", file=sys.stderr, flush=True)
+_log = get_logger("revq_ray.encode").info
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -357,8 +357,8 @@ def encode_to_shards(
         raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={device!r}: choose auto, cpu or cuda")
-    if not ray.is_initialized():
-        ray.init()
+    # Ray's own default size (one logical CPU per core): encoding reserves its actors' CPUs itself.
+    init_ray(num_cpus=os.cpu_count())
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
 

@@ -8,14 +8,13 @@ because that is what ``ray.data.read_webdataset`` takes; protocols pyarrow does 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
+from revq_ray.runtime import absolute, is_uri
+
+__all__ = ["exists", "is_file", "is_uri", "join", "makedirs", "read_bytes", "resolve", "write_bytes_atomic"]
+
 _NATIVE_SCHEMES = {"s3", "gs", "gcs", "hdfs", "viewfs", "file", "mock"}
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    return "://" in str(location)
 
 
 def resolve(location: str | os.PathLike, filesystem: Any = None) -> tuple[Any, str]:
@@ -33,7 +32,7 @@ def resolve(location: str | os.PathLike, filesystem: Any = None) -> tuple[Any, s
         # An fsspec filesystem object.
         return pafs.PyFileSystem(pafs.FSSpecHandler(filesystem)), loc
     if not is_uri(loc):
-        return pafs.LocalFileSystem(), str(Path(loc).expanduser().resolve())
+        return pafs.LocalFileSystem(), absolute(loc)
     scheme = loc.split("://", 1)[0].lower()
     if scheme in _NATIVE_SCHEMES:
         return pafs.FileSystem.from_uri(loc)

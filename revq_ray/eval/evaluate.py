@@ -59,7 +59,7 @@ def _resolve_vae_spec(
         return vae, "--vae"
     bundle_cfg = model_path / CONFIG_NAME
     if bundle_cfg.is_file():
-        return Tokenizer._absolute_spec(
+        return Tokenizer.absolute_spec(
             json.loads(bundle_cfg.read_text())["vae"], model_path
         ), "tokenizer bundle"
     spec = vae_spec_from_run(model_dir)
@@ -458,4 +458,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def format_summary(summary: dict[str, Any]) -> str:
     width = max(len(k) for k in summary)
-    return "\n".join(f"  {k:<{width}}  {R._fmt(v)}" for k, v in summary.items())
+    return "\n".join(f"  {k:<{width}}  {R.format_value(v)}" for k, v in summary.items())

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from revq_ray.runtime import is_uri
+
 
 @dataclass
 class EvalInput:
@@ -46,7 +48,7 @@ def detect_kind(path: str | os.PathLike) -> str:
     from revq_ray.vae.images import IMAGE_EXTENSIONS
 
     p = Path(path)
-    if "://" in str(path) or (p.is_dir() and (p / "manifest.json").is_file()):
+    if is_uri(path) or (p.is_dir() and (p / "manifest.json").is_file()):
         return "latents"
     if p.is_file() and p.name == "manifest.json":
         return "latents"

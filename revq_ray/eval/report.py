@@ -234,7 +234,8 @@ def save_mels(rows: Sequence[tuple[str, torch.Tensor]], path: str | Path) -> Pat
     return path
 
 
-def _fmt(v: Any) -> str:
+def format_value(v: Any) -> str:
+    """A table cell: floats to 4 significant digits, NaN as ``n/a``."""
     if isinstance(v, float):
         if math.isnan(v):
             return "n/a"
@@ -266,7 +267,7 @@ def write_report(
     table = metrics.get("summary", {})
     if table:
         lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in table.items()]
+        lines += [f"| {k} | {format_value(v)} |" for k, v in table.items()]
         lines.append("")
     captions = {
         "grid": "Rows: originals (when the input is media), VAE-only reconstructions, tokenized "

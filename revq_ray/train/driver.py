@@ -27,11 +27,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
+from revq_ray.runtime import add_set_argument, get_logger, init_ray
 from revq_ray.train.plan import ensure_shards, plan_run, resolve_paths
 
-# Kept importable from here for callers of earlier versions (tune imports these names).
-_ensure_shards = ensure_shards
-__all__ = ["build_trainer", "run", "main", "init_ray", "plan_run", "resolve_paths", "worker_env"]
+__all__ = [
+    "build_trainer",
+    "run",
+    "main",
+    "init_ray",
+    "plan_run",
+    "resolve_paths",
+    "ensure_shards",
+    "worker_env",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.train
@@ -40,37 +48,10 @@ if TYPE_CHECKING:  # pragma: no cover
 DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "revq_ray" / "torch_extensions"
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.train] {msg}", flush=True)
+_log = get_logger("revq_ray.train").info
 
 
 # --------------------------------------------------------------------------------------------- ray
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to a cluster or start a local Ray.
-
-    Joins ``address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit`` for the job's driver, or by
-    the user). Otherwise starts a private local instance with ``num_cpus`` logical CPUs (default: at least 8,
-    above the core count, so Ray Data's readers are not starved by the training workers' reservations). It
-    never attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        _log(f"joined Ray cluster at {address}: {ray.cluster_resources()}")
-    else:
-        n = num_cpus or max(8, os.cpu_count() or 1)
-        # A busy laptop can take more than Ray's default minute to register the raylet.
-        os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
-        # The dashboard (on 127.0.0.1; another free port when 8265 is taken) serves the state API that Ray
-        # Train's placement-group cleaner polls: without it the driver log fills with its warnings.
-        ray.init(num_cpus=n)
-        _log(f"started a local Ray with {n} logical CPUs")
-
-
 def quiet_data_progress() -> None:
     """Ray Data's per-operator progress bars flood job logs; the training loop prints its own progress."""
     from ray.data import DataContext
@@ -180,14 +161,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="a preset YAML (configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=2 (repeatable)",
-    )
+    add_set_argument(p, help="override a config value, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument(
         "--address",
         default=None,

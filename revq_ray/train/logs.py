@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from revq_ray.runtime import get_logger
+
+_log = get_logger("revq_ray.train")
+
 METRICS_FILE = "metrics.csv"
 STARTS_FILE = "starts.csv"
 
@@ -66,7 +70,7 @@ class RunLogger:
                 str(self.run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
             )
         except Exception as err:  # tensorboard missing or broken: the CSV is the source of truth anyway
-            print(f"[revq_ray.train] TensorBoard logging off ({type(err).__name__}: {err})", flush=True)
+            _log.warning("TensorBoard logging off (%s: %s)", type(err).__name__, err)
         with open(self.run_dir / STARTS_FILE, "a", newline="") as f:
             if f.tell() == 0:
                 f.write("time,start_step\n")
@@ -243,7 +247,7 @@ class Reporter:
             eta = (
                 (self.total - metrics["step"]) * (time.perf_counter() - self.run_t0) / rate if rate else None
             )
-            print(f"[revq_ray.train] {progress_line(metrics, self.total, eta)}", flush=True)
+            _log.info(progress_line(metrics, self.total, eta))
         if due_ray or checkpoint is not None:
             ray.train.report(
                 metrics,

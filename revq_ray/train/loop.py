@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from revq_ray.config import RunConfig
+from revq_ray.runtime import get_logger
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
 from revq_ray.train.logs import Reporter
@@ -58,8 +59,7 @@ from revq_ray.train.schedule import Due, Schedule
 FAIL_MARKER = ".fail_at_step.done"
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.train] {msg}", flush=True)
+_log = get_logger("revq_ray.train").info
 
 
 class Collectives:

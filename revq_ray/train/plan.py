@@ -16,11 +16,10 @@ from typing import Any
 
 from revq_ray.config import ConfigError, RunConfig
 from revq_ray.core.layout import TokenLayout
+from revq_ray.runtime import absolute, get_logger, is_uri
 from revq_ray.train import engine as eng
 
-
-def _log(msg: str) -> None:
-    print(f"[revq_ray.train] {msg}", flush=True)
+_log = get_logger("revq_ray.train").info
 
 
 @dataclass
@@ -46,15 +45,6 @@ class RunPlan:
     """Ray ObjectRef of the (n, T, d) float32 raw codebook-init tokens; None when resuming a run that has a
     checkpoint (the codebook comes from it)."""
     init_info: dict[str, int] | None = None
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def absolute(path: str) -> str:
-    """Local paths become absolute (workers do not share the driver's working directory); URIs stay."""
-    return path if not path or is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:

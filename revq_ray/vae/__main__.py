@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from revq_ray.config import ConfigError, dump_config, load_config
+from revq_ray.runtime import add_set_argument
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,10 +15,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m revq_ray.vae", description=__doc__)
     parser.add_argument("--config", required=True, help="a VAE training preset, e.g. configs/vae_speech.yaml")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config field (repeatable), e.g. --set steps=100 --set input=/data/images",
-    )  # fmt: skip
+    add_set_argument(
+        parser, help="override a config field (repeatable), e.g. --set steps=100 --set input=/data/images"
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     try:

@@ -22,19 +22,20 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from revq_ray.config import _Section, dump_config
+from revq_ray.config import Section, dump_config
+from revq_ray.runtime import get_logger
 from revq_ray.vae.audio import MelFrontEnd, crop_or_pad, frame_mask, list_audio_files, load_audio
 from revq_ray.vae.builtin import ImageConvVAE, MelVAE
 from revq_ray.vae.images import batch_to_vae_input, list_image_files, read_idx_images, to_vae_input
 
 
-class VAETrainConfig(_Section):
+class VAETrainConfig(Section):
     """A built-in VAE training preset (``configs/vae_*.yaml``); every field can be overridden with --set."""
 
     input: str = Field(..., min_length=1, description="image folder, IDX image file (.gz ok) or audio folder")
@@ -114,8 +115,7 @@ class VAETrainConfig(_Section):
         return max(4, 4 * round(frames / 4))
 
 
-def _log(msg: str) -> None:
-    print(f"[revq_ray.vae] {msg}", flush=True)
+_log = get_logger("revq_ray.vae").info
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -264,16 +264,8 @@ def _device(name: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train_vae(cfg: VAETrainConfig) -> Path:
-    """Train a built-in VAE as ``cfg`` says, save it with ``save_pretrained`` to ``cfg.output``, and return
-    that directory (loadable as ``builtin:<dir>``). Also writes ``train_config.yaml`` and ``train_log.json``
-    (the progress lines as records) there."""
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    device = _device(cfg.device)
-
+def _model_and_data(cfg: VAETrainConfig, gen: torch.Generator, device: torch.device) -> tuple[Any, Any]:
+    """The untrained VAE (on ``device``, in train mode) and its training batches."""
     if cfg.modality == "image":
         data = _ImageBatches(load_image_set(cfg), gen)
         model = ImageConvVAE(image_size=cfg.image_size, width=cfg.width, latent_channels=cfg.latent_channels)
@@ -290,15 +282,33 @@ def train_vae(cfg: VAETrainConfig) -> Path:
             latent_channels=cfg.latent_channels,
             front_end=front_end.config(),
         )
-    model.to(device).train()
+    return model.to(device).train(), data
 
-    # Hold out the first `val_items` items (a fixed slice, fixed audio offsets) for a comparable val loss.
-    n_val = min(cfg.val_items, len(data) // 2)
+
+def _hold_out(data: Any, val_items: int, device: torch.device) -> Any:
+    """Take the first ``val_items`` items (at most half) out of ``data`` as a fixed validation batch."""
+    # A fixed slice (and fixed audio offsets) gives a comparable val loss from step to step.
+    n_val = min(val_items, len(data) // 2)
     val = data.batch(torch.arange(n_val), device) if n_val else None
     if n_val and isinstance(data, _ImageBatches):
         data.data = data.data[n_val:]
     elif n_val:
         data.waves, data.weights = data.waves[n_val:], data.weights[n_val:] / data.weights[n_val:].sum()
+    return val
+
+
+def train_vae(cfg: VAETrainConfig) -> Path:
+    """Train a built-in VAE as ``cfg`` says, save it with ``save_pretrained`` to ``cfg.output``, and return
+    that directory (loadable as ``builtin:<dir>``). Also writes ``train_config.yaml`` and ``train_log.json``
+    (the progress lines as records) there."""
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = _device(cfg.device)
+
+    model, data = _model_and_data(cfg, gen, device)
+    val = _hold_out(data, cfg.val_items, device)
 
     target = _build_target_regularizer(cfg).to(device) if cfg.kl == "target" else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -13,6 +13,7 @@ from revq_ray.core.quantizers import (
     GaussianQuant,
     GroupedVQ,
     Quantizer,
+    ResetParams,
     SimVQ,
     build_quantizer,
     nearest_code,
@@ -141,7 +142,7 @@ def test_usage_stats():
     torch.testing.assert_close(stats["usage"], torch.tensor([1.0, 1 / 8, 0.0], dtype=torch.float32))
     torch.testing.assert_close(stats["perplexity"], torch.tensor([8.0, 1.0, 0.0], dtype=torch.float32))
     assert stats["dead"].tolist() == [0, 7, 8]
-    q = make_vq(reset_cfg=ResetConfig(dead_threshold=2))
+    q = make_vq(reset_cfg=ResetParams(dead_threshold=2))
     q.counts[:, :4] = 1
     q.counts[:, 4:6] = 2
     s = q.usage_stats()
@@ -231,7 +232,7 @@ def test_random_init_matches_token_statistics():
 
 # ------------------------------------------------------------------------------------------ reset
 def _vq_with_counts(counts: torch.Tensor, **reset) -> GroupedVQ:
-    q = GroupedVQ(counts.shape[0], D, counts.shape[1], reset_cfg=ResetConfig(**reset))
+    q = GroupedVQ(counts.shape[0], D, counts.shape[1], reset_cfg=ResetParams(**reset))
     with torch.no_grad():
         # Distinct, recognizable rows: code k of group g = (g, k, 0).
         gg, kk = torch.meshgrid(torch.arange(counts.shape[0]), torch.arange(counts.shape[1]), indexing="ij")
@@ -324,7 +325,7 @@ def test_reset_uses_reduce_fn_counts():
     def reduce_fn(t: torch.Tensor) -> torch.Tensor:
         return t.add_(other)
 
-    q = GroupedVQ(G, D, K, reset_cfg=ResetConfig(ratio=1.0, noise=0.0), reduce_fn=reduce_fn)
+    q = GroupedVQ(G, D, K, reset_cfg=ResetParams(ratio=1.0, noise=0.0), reduce_fn=reduce_fn)
     report = q.maybe_reset(gen(0))
     # Locally every code is dead; globally only codes 8..15 are.
     assert sorted(report.codes.tolist()) == sorted(list(range(8, 16)) * G)

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from revq_ray.config import ResetConfig
-from revq_ray.core.quantizers import GroupedVQ
+from revq_ray.core.quantizers import GroupedVQ, ResetParams
 
 pytestmark = pytest.mark.core
 
@@ -28,7 +27,7 @@ def _free_port() -> int:
 def _build(reduce_fn=None) -> GroupedVQ:
     torch.manual_seed(0)  # same initial codebook everywhere (a trainer broadcasts it; here: same seed)
     kw = {"reduce_fn": reduce_fn} if reduce_fn is not None else {}
-    return GroupedVQ(G, D, K, reset_cfg=ResetConfig(ratio=0.5, noise=0.1), **kw).train()
+    return GroupedVQ(G, D, K, reset_cfg=ResetParams(ratio=0.5, noise=0.1), **kw).train()
 
 
 def _local_batches(rank: int) -> list[torch.Tensor]:

@@ -10,10 +10,10 @@ import yaml
 from revq_ray.config import ConfigError, RunConfig, parse_config
 from revq_ray.tune import (
     TuneConfig,
-    _pareto_front,
     codebook_size_for,
     dump_tune_config,
     load_tune_config,
+    pareto_front,
     trial_config_data,
 )
 
@@ -169,7 +169,7 @@ def test_two_objectives(tmp_path):
     with pytest.raises(ConfigError, match="one metric and one mode, or two of each"):
         load_tune_config(path)
     # (mse, bits): (1, 10) and (2, 5) are both optimal; (3, 10) is dominated by both.
-    assert _pareto_front([(1.0, 10.0), (2.0, 5.0), (3.0, 10.0)], ["min", "min"]) == [0, 1]
+    assert pareto_front([(1.0, 10.0), (2.0, 5.0), (3.0, 10.0)], ["min", "min"]) == [0, 1]
 
 
 def test_latent_size_from_manifest(tmp_path):

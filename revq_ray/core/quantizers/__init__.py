@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from revq_ray.config import QuantizerConfig
+from typing import TYPE_CHECKING, Any
+
 from revq_ray.core.quantizers.base import (
     Quantizer,
     QuantOut,
@@ -14,9 +15,12 @@ from revq_ray.core.quantizers.base import (
     usage_from_counts,
 )
 from revq_ray.core.quantizers.gq import GaussianQuant, gaussian_prior_samples
-from revq_ray.core.quantizers.grouped import GroupedVQ, kmeans_plus_plus, lloyd
+from revq_ray.core.quantizers.grouped import GroupedVQ, ResetParams, kmeans_plus_plus, lloyd
 from revq_ray.core.quantizers.search import SearchPlan, estimate_peak_bytes, nearest_code, plan_search
 from revq_ray.core.quantizers.simvq import SimVQ
+
+if TYPE_CHECKING:  # pragma: no cover - the bridge reads a config object; the core never imports pydantic
+    from revq_ray.config import QuantizerConfig
 
 __all__ = [
     "QuantOut",
@@ -26,6 +30,7 @@ __all__ = [
     "no_reduce",
     "build_quantizer",
     "GroupedVQ",
+    "ResetParams",
     "SimVQ",
     "GaussianQuant",
     "nearest_code",
@@ -44,6 +49,8 @@ __all__ = [
 def build_quantizer(cfg: QuantizerConfig, dim: int, reduce_fn: ReduceFn = no_reduce) -> Quantizer:
     """Build the quantizer named by ``cfg.type`` for ``cfg.tokens`` groups of ``dim``-dimensional tokens.
 
+    The bridge from config to the plain-argument classes: ``cfg`` is a
+    :class:`~revq_ray.config.QuantizerConfig` (or any object with its fields); nothing here imports it.
     ``"revq"`` and ``"vq"`` -> :class:`GroupedVQ` (``vq`` is the no-reset ablation: its config forces
     ``reset.enabled = False``); ``"simvq"`` -> :class:`SimVQ`; ``"gq"`` -> :class:`GaussianQuant`.
     """
@@ -53,7 +60,7 @@ def build_quantizer(cfg: QuantizerConfig, dim: int, reduce_fn: ReduceFn = no_red
     if cfg.type in ("revq", "vq"):
         return GroupedVQ(
             cfg.tokens, dim, cfg.codebook_size, loss=cfg.loss, beta=cfg.beta, init=cfg.init,
-            kmeans_iters=cfg.kmeans_iters, reset_cfg=cfg.reset, **common,
+            kmeans_iters=cfg.kmeans_iters, reset_cfg=_reset_params(cfg.reset), **common,
         )  # fmt: skip
     if cfg.type == "simvq":
         return SimVQ(
@@ -63,3 +70,13 @@ def build_quantizer(cfg: QuantizerConfig, dim: int, reduce_fn: ReduceFn = no_red
     if cfg.type == "gq":
         return GaussianQuant(cfg.tokens, dim, cfg.codebook_size, beta=cfg.gq_beta, seed=cfg.gq_seed, **common)
     raise ValueError(f"model.quantizer.type={cfg.type!r}: expected one of revq, vq, simvq, gq")
+
+
+def _reset_params(reset: Any) -> ResetParams:
+    """``ResetConfig`` (or anything with its fields) -> the quantizer's :class:`ResetParams`."""
+    return ResetParams(
+        enabled=bool(reset.enabled),
+        dead_threshold=int(reset.dead_threshold),
+        ratio=float(reset.ratio),
+        noise=float(reset.noise),
+    )

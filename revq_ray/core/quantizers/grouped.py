@@ -25,11 +25,11 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from revq_ray.config import ResetConfig
 from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers.base import (
     Quantizer,
@@ -141,6 +141,30 @@ class CountsMixin:
         self.counts.zero_()
 
 
+@dataclass(frozen=True)
+class ResetParams:
+    """What a non-activation reset of :class:`GroupedVQ` does (the caller decides *when* it runs).
+
+    ``revq_ray.config.ResetConfig`` holds the same fields plus the schedule (``interval``, ``unit``);
+    :func:`~revq_ray.core.quantizers.build_quantizer` copies them over.
+    """
+
+    enabled: bool = True
+    dead_threshold: int = 1
+    """A code with fewer hits than this since the last reset is dead."""
+    ratio: float = 0.2
+    """At most this fraction of a group's codes is reset at once."""
+    noise: float = 0.1
+    """Std of the Gaussian noise added to copied codes (standardized units)."""
+
+    def __post_init__(self) -> None:
+        if self.dead_threshold < 1 or not 0.0 < self.ratio <= 1.0 or self.noise < 0.0:
+            raise ValueError(
+                f"reset: need dead_threshold >= 1, 0 < ratio <= 1, noise >= 0; got {self.dead_threshold}, "
+                f"{self.ratio}, {self.noise}"
+            )
+
+
 class GroupedVQ(CountsMixin, Quantizer):
     """G codebooks of K codes of dim d; each token takes the nearest code of its own group (ReVQ / VQ).
 
@@ -153,7 +177,8 @@ class GroupedVQ(CountsMixin, Quantizer):
         init: what :meth:`init_from_tokens` does: ``"sample"`` (K distinct tokens per group, without
             replacement), ``"kmeans++"`` (k-means++ seeding, then ``kmeans_iters`` Lloyd steps) or
             ``"random"`` (normal with the tokens' per-group mean and std).
-        reset_cfg: non-activation reset settings (the caller decides *when* to call :meth:`maybe_reset`).
+        reset_cfg: non-activation reset settings, :class:`ResetParams` (the caller decides *when* to call
+            :meth:`maybe_reset`).
         search_budget_mb: peak extra memory of the nearest-code search.
         reduce_fn: sums a tensor across ranks in place (resets use the global counts).
     """
@@ -173,7 +198,7 @@ class GroupedVQ(CountsMixin, Quantizer):
         beta: float = 0.25,
         init: str = "sample",
         kmeans_iters: int = 0,
-        reset_cfg: ResetConfig | None = None,
+        reset_cfg: ResetParams | None = None,
         search_budget_mb: float = 256.0,
         reduce_fn: ReduceFn = no_reduce,
     ):
@@ -188,7 +213,7 @@ class GroupedVQ(CountsMixin, Quantizer):
             )
         self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
         self.loss, self.beta, self.init, self.kmeans_iters = loss, beta, init, kmeans_iters
-        self.reset_cfg = reset_cfg if reset_cfg is not None else ResetConfig()
+        self.reset_cfg = reset_cfg if reset_cfg is not None else ResetParams()
         self.search_budget_mb = search_budget_mb
         # Standardized latents are about N(0, 1); init_from_tokens replaces this before training.
         self.codebook = torch.nn.Parameter(torch.randn(tokens, codebook_size, dim))

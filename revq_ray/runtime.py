@@ -1,0 +1,173 @@
+"""What every entry point shares: Ray start-up, storage locations, logging, and ``--set KEY=VALUE``.
+
+One helper each, so that ``python -m revq_ray.train``, ``.encode``, ``.tune``, ``compare``, ``quickstart`` and
+``vae`` start Ray, name files and print progress the same way:
+
+- :func:`init_ray`: join a cluster (``address`` or ``$RAY_ADDRESS``) or start a private local Ray.
+- :func:`is_uri` / :func:`absolute`: a location is a local path or a URI (``s3://``, ``gs://``, ...); local
+  paths are made absolute because Ray workers do not share the driver's working directory.
+- :func:`set_dotted` / :func:`get_dotted`: ``"train.lr"``-style keys into nested dicts (config overrides,
+  sweep parameters, compare rows).
+- :func:`add_set_argument`: the repeatable ``--set KEY=VALUE`` option of every CLI.
+- :func:`get_logger`: a standard :mod:`logging` logger under ``revq_ray``, one format, on stderr.
+
+Imports nothing heavy at module level (no Ray, torch or pydantic), so any layer but the core may use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOG_FORMAT",
+    "absolute",
+    "add_set_argument",
+    "get_dotted",
+    "get_logger",
+    "init_ray",
+    "is_uri",
+    "join_location",
+    "set_dotted",
+]
+
+LOG_FORMAT = "[%(name)s] %(message)s"
+_ROOT_LOGGER = "revq_ray"
+
+
+# --------------------------------------------------------------------------------------------- logging
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (pytest's capture, Ray's log redirection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:  # StreamHandler.__init__ assigns it; the property wins
+        pass
+
+
+def _configure_root() -> logging.Logger:
+    root = logging.getLogger(_ROOT_LOGGER)
+    # Configure once per process (drivers and every Ray worker import this module on their own). An
+    # application that set up handlers on ``revq_ray`` itself keeps them.
+    if not root.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        # Our handler prints the record; the root logger (Ray's or the application's) would print it again.
+        root.propagate = False
+    return root
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The logger ``name`` (e.g. ``"revq_ray.train"``), printing ``[revq_ray.train] message`` on stderr."""
+    _configure_root()
+    if name != _ROOT_LOGGER and not name.startswith(_ROOT_LOGGER + "."):
+        name = f"{_ROOT_LOGGER}.{name}"
+    return logging.getLogger(name)
+
+
+_log = get_logger("revq_ray.runtime")
+
+
+# --------------------------------------------------------------------------------------------- storage
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` locations (object stores, fsspec protocols); False for local paths."""
+    return "://" in str(location)
+
+
+def absolute(location: str | os.PathLike) -> str:
+    """Local paths become absolute (``~`` expanded); URIs and the empty string stay as they are."""
+    loc = str(location)
+    return loc if not loc or is_uri(loc) else str(Path(loc).expanduser().resolve())
+
+
+def join_location(root: str, *names: str) -> str:
+    """``root/name/...`` for a local path or a URI (URIs always use ``/``)."""
+    if is_uri(root):
+        return "/".join([root.rstrip("/"), *names])
+    return str(Path(root, *names))
+
+
+# --------------------------------------------------------------------------------------------- dotted keys
+def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:
+    """``data["a"]["b"]`` for ``key="a.b"``; ``default`` when any part is missing."""
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data["a"]["b"] = value`` for ``key="a.b"`` in place, creating missing sections.
+
+    Raises ``ValueError`` when a part of the path holds a value, not a section."""
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"key {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def add_set_argument(
+    parser: argparse.ArgumentParser,
+    help: str,
+    flag: str = "--set",
+    dest: str = "overrides",
+) -> None:
+    """The repeatable ``--set KEY=VALUE`` option (dotted keys, YAML values) collected in ``args.<dest>``."""
+    parser.add_argument(flag, dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+# --------------------------------------------------------------------------------------------- Ray
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, *, include_dashboard: bool = True
+) -> None:
+    """Connect to a cluster or start a local Ray; a no-op when Ray is already initialized.
+
+    Joins ``address`` if given, else ``$RAY_ADDRESS`` (set by ``ray job submit`` for the job's driver, or by
+    the user). Otherwise starts a private local instance with ``num_cpus`` logical CPUs (default: at least 8,
+    above the core count, so Ray Data's readers are not starved by the training workers' reservations). It
+    never attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
+
+    The local instance advertises itself on the loopback address and keeps its dashboard on 127.0.0.1; Ray
+    still opens its gRPC ports on all interfaces (it has no option to bind them to loopback), and its
+    token authentication (on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise)
+    is what guards them.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        _log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
+        return
+    n = num_cpus or max(8, os.cpu_count() or 1)
+    # A busy laptop can take more than Ray's default minute to register the raylet.
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
+    # The dashboard (another free port when 8265 is taken) serves the state API that Ray Train's
+    # placement-group cleaner polls: without it the driver log fills with its warnings.
+    ray.init(
+        num_cpus=n,
+        include_dashboard=include_dashboard,
+        dashboard_host="127.0.0.1",
+        _node_ip_address="127.0.0.1",
+    )
+    _log.info("started a local Ray with %d logical CPUs", n)
