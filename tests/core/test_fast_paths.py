@@ -310,8 +310,14 @@ def test_build_train_optimizer_reads_the_config_fields():
     assert m.quantizer.sparse_grad and opt.param_groups[0]["lr"] == 2e-3 and opt.defaults["fused"]
     assert m.rectifier.stem.weight.is_contiguous(memory_format=torch.channels_last)
     plain = _tiny_model()
-    opt = build_train_optimizer(plain, TrainConfig())
+    opt = build_train_optimizer(plain, TrainConfig(fused_optimizer=False, channels_last=False))
     assert not plain.quantizer.sparse_grad and not opt.defaults["fused"]
+    assert not plain.rectifier.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    default = _tiny_model()  # the defaults: fused AdamW, channels_last at ZeRO 0
+    opt = build_train_optimizer(default, TrainConfig())
+    assert opt.defaults["fused"] and default.rectifier.stem.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
     with pytest.raises(ValueError, match="zero_stage"):
         build_train_optimizer(_tiny_model(), TrainConfig(sparse_codebook_optimizer=True, zero_stage=1))
 
