@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
 from revq_ray.core.layout import TokenLayout
 from revq_ray.train import engine as eng
+from revq_ray.train.identity import check_run_identity
 
 if TYPE_CHECKING:  # pragma: no cover
     import ray.train
@@ -247,6 +248,7 @@ def build_trainer(
     cfg = resolve_paths(cfg)
     _ensure_shards(cfg)
     plan = plan_run(cfg, storage_path=storage_path, run_name=run_name)
+    check_run_identity(cfg, plan["storage_path"], plan["name"])  # before any worker touches the run
     datasets = plan.pop("_datasets")
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
@@ -272,8 +274,10 @@ def build_trainer(
 
 def _train_fn(config: dict[str, Any]) -> None:
     # Imported inside the worker so the driver never imports DeepSpeed.
+    from revq_ray.train.jit import load_deepspeed_ops
     from revq_ray.train.loop import train_loop_per_worker
 
+    load_deepspeed_ops()  # under an owner lock: a killed earlier build cannot block this worker
     train_loop_per_worker(config)
 
 
@@ -345,5 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"finished {cfg.name}: step {m.get('step')}, val_mse {val:.5f} (without rectifier "
         f"{m.get('val_mse_norect', math.nan):.5f}), usage {100 * m.get('usage_mean', math.nan):.1f}%"
     )
-    _log(f"run dir {m.get('run_dir')}; model: {m.get('run_dir')}/export/best (and export/latest)")
+    from revq_ray.train.guards import existing_exports
+
+    exports = " and ".join(existing_exports(m.get("run_dir"))) or "no export"
+    _log(f"run dir {m.get('run_dir')}; model: {exports}")
     return 0

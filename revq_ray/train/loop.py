@@ -37,6 +37,7 @@ import torch
 from revq_ray.config import RunConfig
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
+from revq_ray.train import guards
 from revq_ray.train.logs import RunLogger, progress_line
 
 FAIL_MARKER = ".fail_at_step.done"
@@ -339,6 +340,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # the metrics all-reduce keeps every rank's report count equal, as ray.train.report requires.
         want = float(rank == 0 and time.perf_counter() - last_report_t >= _REPORT_INTERVAL_S)
         sums = dist.sum_floats([*win.tolist(), float(win_steps), want])
+        # Before any checkpoint/export: a non-finite window stops the run here (every rank alike).
+        guards.check_window(
+            sums[0], sums[3], state.step, first_step=state.step - win_steps + 1,
+            module=module if due_ckpt or due_val else None,
+        )  # fmt: skip
         steps_all = max(sums[3], 1.0)
         elapsed = time.perf_counter() - win_t0
         groups = engine.optimizer.param_groups
