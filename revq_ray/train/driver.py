@@ -343,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a failed run (e.g. a non-finite loss): its cause in one line, exit 1
+        from revq_ray.train.guards import failure_message
+
+        print(f"error: {failure_message(err)}", file=sys.stderr)
+        return 1
     m = result.metrics or {}
     val = m.get("val_mse", float("nan"))
     _log(

@@ -22,6 +22,9 @@ class NonFiniteError(RuntimeError):
         super().__init__(message)
         self.step = step
 
+    def __reduce__(self):  # Ray ships worker errors to the driver by pickle
+        return (type(self), (str(self), self.step))
+
 
 def nonfinite_params(module: torch.nn.Module) -> list[str]:
     """Names of ``module``'s parameters and floating-point buffers that hold a NaN or Inf."""
@@ -58,6 +61,24 @@ def check_window(
                 "checkpointing or exporting them",
                 step,
             )
+
+
+def failure_message(err: BaseException) -> str:
+    """The line of a failed run's error that says why: a :class:`NonFiniteError`'s message when the worker
+    raised one (Ray wraps it in its own error with the worker's traceback), else the error's first line."""
+    texts = [str(err)]
+    for rank, worker_err in sorted(getattr(err, "worker_failures", {}).items()):
+        texts.append(f"rank {rank}: {type(worker_err).__name__}: {worker_err}")
+    text = "\n".join(texts)
+    for line in text.splitlines():
+        if line.startswith("non-finite "):
+            return line.strip()
+        if "NonFiniteError:" in line:
+            return line.split("NonFiniteError:", 1)[1].strip()
+    if len(texts) > 1:  # a worker's own error says more than Ray's wrapper
+        return texts[1].strip().splitlines()[0]
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(err).__name__}: {first}"
 
 
 def existing_exports(run_dir: Any) -> list[str]:

@@ -8,6 +8,7 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -112,6 +113,12 @@ def test_rerun_with_same_name_resumes(ray_local, latent_shards, tmp_path):
     starts = (run_dir / "starts.csv").read_text().split()[1:]
     assert [int(s.split(",")[1]) for s in starts] == [0, k]
     assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, 2 * k + 1))
+    # the same name under other settings is another run: refused before any worker starts, keys named
+    from revq_ray.train import build_trainer
+
+    other = make_cfg(latent_shards, tmp_path, "resume", **{"train.max_steps": 3 * k, "train.lr": 0.02})
+    with pytest.raises(ConfigError, match=r"run resume already exists in .* other settings: train.lr"):
+        build_trainer(other)
 
 
 def test_gq_without_logvar_is_a_clear_error(ray_local, latent_shards, tmp_path):
@@ -120,3 +127,38 @@ def test_gq_without_logvar_is_a_clear_error(ray_local, latent_shards, tmp_path):
     cfg = make_cfg(latent_shards, tmp_path, "gq", **{"model.quantizer.type": "gq"})
     with pytest.raises(ConfigError, match="has_logvar"):
         build_trainer(cfg)
+
+
+def test_non_finite_training_stops_naming_the_step_and_exports_nothing_non_finite(
+    ray_local, tmp_path, capsys
+):
+    """Finite but absurd latents (1e30; the manifest's statistics describe normal-scale latents, as when
+    shards were replaced after the manifest was written) pass the reader and make the loss non-finite: the
+    run must fail naming the step, and no export may hold non-finite weights."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from revq_ray.core.stats import RunningStats
+    from revq_ray.data.shards import ShardWriter
+    from revq_ray.data.synthetic import synthetic_latents
+    from revq_ray.train.driver import main
+
+    from .conftest import ROOT
+
+    shards = tmp_path / "huge"
+    z, lv = synthetic_latents(512, (16, 8, 8), seed=0)
+    with ShardWriter(shards, shard_size=256) as w:
+        w.write_batch([f"{i:05d}" for i in range(512)], z * np.float32(1e30), lv)
+    manifest = w.manifest(vae="synthetic")
+    manifest.stats = RunningStats((16, 8, 8)).update(torch.from_numpy(z)).state_dict()
+    manifest.save(shards)
+    sets = [f"data.shards={shards}", f"output_dir={tmp_path}", "name=nanrun", "train.max_failures=0"]
+    sets += ["data.val_items=64", "train.cpus_per_worker=0.5"]
+    argv = ["--config", str(ROOT / "configs" / "debug.yaml")]
+    for kv in sets:
+        argv += ["--set", kv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: .*non-finite loss .* training stopped at step \d+", err), err[-3000:]
+    for f in (tmp_path / "nanrun" / "export").glob("*/model.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(f)).values()), f
