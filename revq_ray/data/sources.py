@@ -20,6 +20,7 @@ import gzip
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +92,28 @@ _IDX_CACHE: dict[str, np.ndarray] = {}
 _IDX_CACHE_MAX_BYTES = 512 * 2**20
 
 
+def _read_present(f: Any, nbytes: int, chunk: int = 1 << 20) -> bytes:
+    """Up to ``nbytes`` from ``f``; a file (or gzip stream) that ends early gives what it holds."""
+    parts: list[bytes] = []
+    left = nbytes
+    while left > 0:
+        try:
+            got = f.read(min(left, chunk))
+        except (EOFError, OSError, zlib.error):  # gzip cut mid-stream: keep what was decoded before
+            break
+        if not got:
+            break
+        parts.append(got)
+        left -= len(got)
+    return b"".join(parts)
+
+
 def read_idx_range(fs: Any, path: str, start: int, stop: int) -> np.ndarray:
     """Images ``start:stop`` of an IDX3 file as uint8 (n, H, W).
 
     A worker process keeps one small file (<= 512 MiB decompressed) cached, so the shard tasks that run
-    in the same worker decompress a gzip file once, not once per shard.
+    in the same worker decompress a gzip file once, not once per shard. A truncated file gives the images
+    it holds (fewer rows than asked; those past its end are the caller's to report), read once too.
     """
     n, h, w = idx_header(fs, path)
     stop = min(stop, n)
@@ -103,24 +121,16 @@ def read_idx_range(fs: Any, path: str, start: int, stop: int) -> np.ndarray:
         return _IDX_CACHE[path][start:stop]
     with _open_idx(fs, path) as f:
         if n * h * w <= _IDX_CACHE_MAX_BYTES:
-            data = f.read(16 + n * h * w)[16:]
-            if len(data) < n * h * w:
-                raise ValueError(f"truncated IDX file ({len(data)} bytes for {n} images of {h}x{w})")
-            arr = np.frombuffer(data, np.uint8).reshape(n, h, w)
+            data = _read_present(f, 16 + n * h * w)[16:]
+            m = len(data) // (h * w)
+            arr = np.frombuffer(data[: m * h * w], np.uint8).reshape(m, h, w)
             _IDX_CACHE.clear()
             _IDX_CACHE[path] = arr
             return arr[start:stop]
-        f.read(16)
-        skip = start * h * w
-        while skip:
-            got = len(f.read(min(skip, 1 << 24)))
-            if not got:
-                raise ValueError("truncated IDX file")
-            skip -= got
-        data = f.read((stop - start) * h * w)
-    if len(data) < (stop - start) * h * w:
-        raise ValueError("truncated IDX file")
-    return np.frombuffer(data, np.uint8).reshape(stop - start, h, w)
+        skipped = len(_read_present(f, 16 + start * h * w, chunk=1 << 24))
+        data = _read_present(f, (stop - start) * h * w) if skipped == 16 + start * h * w else b""
+    m = len(data) // (h * w)
+    return np.frombuffer(data[: m * h * w], np.uint8).reshape(m, h, w)
 
 
 def _tar_samples(fs: Any, path: str, extensions: tuple[str, ...]) -> list[str]:
