@@ -96,9 +96,11 @@ def _read_present(f: Any, nbytes: int, chunk: int = 1 << 20) -> bytes:
     """Up to ``nbytes`` from ``f``; a file (or gzip stream) that ends early gives what it holds."""
     parts: list[bytes] = []
     left = nbytes
+    # read1: one decompression step per call, so a gzip stream that breaks off loses nothing decoded before
+    read = getattr(f, "read1", f.read)
     while left > 0:
         try:
-            got = f.read(min(left, chunk))
+            got = read(min(left, chunk))
         except (EOFError, OSError, zlib.error):  # gzip cut mid-stream: keep what was decoded before
             break
         if not got:
@@ -211,12 +213,9 @@ def list_sources(
 # --------------------------------------------------------------------------------------------- decoding
 def decode_image(data: bytes, size: int):
     """Encoded image bytes -> float (3, size, size) in [0, 1] (gray replicated, alpha dropped)."""
-    import PIL.Image
+    from revq_ray.vae.images import open_image_capped, to_vae_input
 
-    from revq_ray.vae.images import to_vae_input
-
-    with PIL.Image.open(io.BytesIO(data)) as img:
-        img.load()  # force the full decode here: truncated files fail now, not later
+    with open_image_capped(io.BytesIO(data), size) as img:  # pixel cap; JPEGs decoded at reduced scale
         return to_vae_input(img, size)
 
 
