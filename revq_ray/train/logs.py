@@ -17,6 +17,7 @@ from typing import Any
 
 METRICS_FILE = "metrics.csv"
 STARTS_FILE = "starts.csv"
+STEPS_FILE = "steps.log"
 
 # Fixed columns: a stable schema for CSV readers; anything else reported goes to TensorBoard only.
 COLUMNS = [
@@ -104,6 +105,44 @@ class RunLogger:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class StepLog:
+    """``<run_dir>/steps.log``: append-only, never rewritten (unlike ``metrics.csv``). Each start of the
+    worker group writes ``start <step> pid <pid>``, then rank 0 writes every optimizer step it completes, one
+    line each, flushed at once. After failures it shows what was really executed: steps rolled back to a
+    checkpoint appear twice, once in each attempt; :func:`committed_steps` gives the timeline that counts."""
+
+    def __init__(self, run_dir: str | os.PathLike, start_step: int):
+        self.path = Path(run_dir) / STEPS_FILE
+        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - line-buffered for the run's lifetime
+        self._f.write(f"start {start_step} pid {os.getpid()}\n")
+
+    def step(self, step: int) -> None:
+        self._f.write(f"{step}\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_step_log(path: str | os.PathLike) -> list[tuple[int, list[int]]]:
+    """``[(start_step, [steps done by that attempt]), ...]`` from a ``steps.log``."""
+    attempts: list[tuple[int, list[int]]] = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("start "):
+            attempts.append((int(line.split()[1]), []))
+        elif line.strip() and attempts:
+            attempts[-1][1].append(int(line))
+    return attempts
+
+
+def committed_steps(attempts: list[tuple[int, list[int]]]) -> list[int]:
+    """The steps that count: each attempt's steps up to where the next attempt resumed."""
+    out: list[int] = []
+    for i, (_, steps) in enumerate(attempts):
+        stop = attempts[i + 1][0] if i + 1 < len(attempts) else None
+        out.extend(s for s in steps if stop is None or s <= stop)
+    return out
 
 
 def _duration(seconds: float) -> str:

@@ -38,7 +38,7 @@ from revq_ray.config import RunConfig
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
 from revq_ray.train import guards
-from revq_ray.train.logs import RunLogger, progress_line
+from revq_ray.train.logs import RunLogger, StepLog, progress_line
 
 FAIL_MARKER = ".fail_at_step.done"
 # Ray Train V2 takes one report per worker every health-check interval (a queue of size 1, drained every
@@ -238,12 +238,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "pid": os.getpid(),
         }
     )
-    logger = None
+    logger = steplog = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "workers.json").write_text(json.dumps(workers, indent=1))
         (run_dir / "config.json").write_text(json.dumps(config["cfg"], indent=1))
         logger = RunLogger(run_dir, start_step)
+        steplog = StepLog(run_dir, start_step)
         n_params = {k: sum(p.numel() for p in v) for k, v in model.param_groups().items()}
         _log(
             f"{world} worker(s), ZeRO {tc.zero_stage}, {'bf16 autocast' if bf16 else 'fp32'} on "
@@ -291,6 +292,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         state.step += 1
         state.step_in_epoch += 1
+        if steplog is not None:
+            steplog.step(state.step)
         state.samples += micro * world
         with torch.no_grad():
             rect = out.losses["rect"].detach().double()
@@ -446,4 +449,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         safetensors.torch.save_file(sd, str(out / f"rank{rank}.safetensors"))
     if logger is not None:
         logger.close()
+        steplog.close()  # type: ignore[union-attr]
         _log(f"done: {state.step} steps, best val_mse {state.best_val_mse}; exports in {run_dir / 'export'}")
