@@ -190,6 +190,11 @@ class TrainConfig(Section):
     synthetic_latent_shape: list[int] = Field(
         default_factory=lambda: [16, 8, 8], description="latent shape of those synthetic latents"
     )
+    force_resume: bool = Field(
+        False,
+        description="resume a run whose checkpoint was written under other settings or data (see "
+        "revq_ray.train.identity); off: such a re-run stops with the differing keys",
+    )
 
 
 # --------------------------------------------------------------------------------------------- run

@@ -10,9 +10,11 @@ Examples::
     python -m revq_ray.encode --input ../shared/data/speech16k --vae builtin:runs/vae_speech \\
         --audio-seconds 1.5 --output runs/latents/speech --logvar
 
-Re-running the same command resumes: finished shards are kept, the rest encoded. Connects to a running
-cluster when RAY_ADDRESS is set (``ray job submit -- python -m revq_ray.encode ...``), else starts Ray
-locally.
+Re-running the same command resumes: finished shards are kept, the rest encoded. Shards of another encode
+(other inputs or settings) in ``--output`` are refused unless ``--overwrite``. Exit status 1 when nothing was
+encoded or more than ``--max-skip-fraction`` of the inputs were unreadable (the manifest lists them).
+Connects to a running cluster when RAY_ADDRESS is set (``ray job submit -- python -m revq_ray.encode ...``),
+else starts Ray locally.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the VAE actors run"
     )
     p.add_argument("--num-cpus", type=int, default=None, help="local Ray only: logical CPUs for ray.init")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards another encode (other inputs or settings) left in --output",
+    )
+    p.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=0.1,
+        help="exit 1 when more than this fraction of the inputs was skipped (unreadable); 1 = never",
+    )
     return p
 
 
@@ -64,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import os
 
-    from revq_ray.data.encode import encode_to_shards
+    from revq_ray.data.encode import check_result, encode_to_shards
     from revq_ray.runtime import init_ray
 
     # Joins $RAY_ADDRESS, else a local Ray sized like Ray's default (one logical CPU per core).
@@ -84,11 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             dtype=args.dtype,
             device=args.device,
             cpus_per_actor=args.cpus_per_actor,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"revq_ray.encode: error: {err}", file=sys.stderr)
         return 2
     print(f"encoded: {result.summary()}")
+    failed = check_result(result, args.max_skip_fraction)
+    if failed:
+        print(f"revq_ray.encode: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -47,6 +47,47 @@ __all__ = ["ModelOut", "ReVQModel", "total_loss"]
 _WEIGHTS_NAME = "model.safetensors"  # huggingface_hub.constants.SAFETENSORS_SINGLE_FILE
 
 
+def _safetensors_shapes(path: str) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors file's header (8-byte length + JSON), without reading weights."""
+    import json
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= 100 * 2**20:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _check_shapes_before_building(cls: type, kwargs: dict[str, Any], path: str) -> None:
+    """Compare config.json's model with the weights file before allocating it: a corrupt or edited config
+    (e.g. codebook_size=2**31) must fail naming the key, not try to allocate terabytes."""
+    stored = _safetensors_shapes(path)
+    k_cfg = (kwargs.get("model") or {}).get("quantizer", {}).get("codebook_size")
+    counts = stored.get("quantizer.counts")  # (tokens or groups, codebook_size) for every quantizer
+    if k_cfg is not None and counts and int(k_cfg) != counts[-1]:
+        raise ValueError(
+            f"{os.path.dirname(path)}: config.json says model.quantizer.codebook_size={k_cfg}, "
+            f"{os.path.basename(path)} holds {counts[-1]} codes: the config was edited or belongs to another "
+            "model"
+        )
+    try:
+        with torch.device("meta"):  # shapes only: no memory
+            shapes = {k: list(v.shape) for k, v in cls(**kwargs).state_dict().items()}
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta: the strict load still checks
+        return
+    diff = [
+        f"{k}: config.json gives {shapes[k]}, weights hold {stored[k]}"
+        for k in shapes
+        if k in stored and shapes[k] != stored[k]
+    ]
+    if diff:
+        raise ValueError(
+            f"{os.path.dirname(path)}: config.json does not match {os.path.basename(path)} "
+            f"({'; '.join(diff[:3])}): the config was edited or belongs to another model"
+        )
+
+
 @dataclass
 class ModelOut:
     """What :meth:`ReVQModel.forward` returns."""
@@ -356,7 +397,6 @@ class ReVQModel(
                 f"{model_id!r} has no readable config.json with 'latent_shape': not a ReVQModel saved with "
                 "save_pretrained (or pass latent_shape= and model= explicitly)"
             )
-        model = cls(**model_kwargs)
         if os.path.isdir(model_id):
             path = os.path.join(model_id, _WEIGHTS_NAME)
             if not os.path.isfile(path):
@@ -373,6 +413,8 @@ class ReVQModel(
                 token=token,
                 local_files_only=local_files_only,
             )
+        _check_shapes_before_building(cls, model_kwargs, path)
+        model = cls(**model_kwargs)
         # Load on CPU into the CPU-built module, then move: load_model copies into the existing tensors, so
         # loading straight onto another device would not move the model there.
         safetensors.torch.load_model(model, path, strict=strict, device="cpu")

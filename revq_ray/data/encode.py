@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import numpy as np
 
 from revq_ray.core.stats import RunningStats
 from revq_ray.data import fs as _fs
-from revq_ray.data.shards import DTYPES, Manifest, ShardInfo, shard_name, write_shard
+from revq_ray.data.shards import DTYPES, MANIFEST_NAME, Manifest, ShardInfo, shard_name, write_shard
 from revq_ray.data.sources import (
     SourceItem,
     audio_crops,
@@ -51,6 +52,7 @@ from revq_ray.data.sources import (
 from revq_ray.runtime import get_logger, init_ray
 
 MIN_CROP_FRACTION = 0.25
+SHORT_CLIP_FRACTION = 0.5  # a clip shorter than this fraction of one crop is mostly padding: flagged
 _DECODE_CHUNK = 64  # decoded items per output block of a read task (keeps blocks small for big images)
 
 
@@ -129,33 +131,58 @@ def _load_vae(spec: str, device: str, image_size: int | None, audio_samples: int
 
 
 # --------------------------------------------------------------------------------------------- read task
-def _decode_items(fs: Any, items: list[SourceItem], settings: dict[str, Any]) -> Iterator[tuple[list, str]]:
-    """Yield (inputs list, error) per item, in order; inputs are (*input_shape) float32 arrays."""
+def _short_clip_note(samples: int, settings: dict[str, Any]) -> str:
+    """A note for a clip so short that its one crop is mostly padding ("" otherwise)."""
+    crop = int(settings["crop_samples"])
+    if samples >= SHORT_CLIP_FRACTION * crop:
+        return ""
+    sr = settings["sample_rate"]
+    return (
+        f"short clip: {1000 * samples / sr:.0f} ms in a {1000 * crop / sr:.0f} ms crop "
+        f"({100 * (1 - samples / crop):.0f}% padding)"
+    )
+
+
+def _idx_image(fs: Any, it: SourceItem, items: list[SourceItem], cache: dict[str, tuple[int, np.ndarray]]):
+    """One IDX image; the file's needed range is read once per task (a truncated file: what is present)."""
+    member = int(it.member)  # type: ignore[arg-type]
+    if it.uri not in cache:
+        idx_members = [int(x.member) for x in items if x.uri == it.uri]  # type: ignore[arg-type]
+        lo, hi = min(idx_members), max(idx_members) + 1
+        cache[it.uri] = (lo, read_idx_range(fs, it.uri, lo, hi))
+    lo, arr = cache[it.uri]
+    if member - lo >= len(arr):
+        raise ValueError(f"truncated IDX file: image {member} is past the {lo + len(arr)} images present")
+    return arr[member - lo]
+
+
+def _decode_items(
+    fs: Any, items: list[SourceItem], settings: dict[str, Any]
+) -> Iterator[tuple[list, str, str]]:
+    """Yield (inputs list, error, note) per item, in order; inputs are (*input_shape) float32 arrays; a note
+    flags a usable but suspicious item (an audio clip that is mostly padding)."""
     shape = tuple(settings["input_shape"])
     raw = read_item_bytes(fs, items)
     prep = AudioPrep(settings) if settings["modality"] == "audio" else None
     idx_cache: dict[str, tuple[int, np.ndarray]] = {}
     for it, data in zip(items, raw):
         try:
+            note = ""
             if isinstance(data, Exception):
                 raise data
             if it.kind == "idx":
-                member = int(it.member)  # type: ignore[arg-type]
-                if it.uri not in idx_cache:
-                    idx_members = [int(x.member) for x in items if x.uri == it.uri]  # type: ignore[arg-type]
-                    lo, hi = min(idx_members), max(idx_members) + 1
-                    idx_cache[it.uri] = (lo, read_idx_range(fs, it.uri, lo, hi))
-                lo, arr = idx_cache[it.uri]
                 from revq_ray.vae.images import to_vae_input
 
-                xs = [to_vae_input(arr[member - lo], shape[-1]).numpy()]
+                xs = [to_vae_input(_idx_image(fs, it, items, idx_cache), shape[-1]).numpy()]
             elif prep is None:
                 xs = [decode_image(data, shape[-1]).numpy()]
             else:
-                xs = list(prep(decode_audio(data, settings["sample_rate"])))
-            yield xs, ""
+                wave = decode_audio(data, settings["sample_rate"])
+                note = _short_clip_note(int(wave.shape[0]), settings)
+                xs = list(prep(wave))
+            yield xs, "", note
         except Exception as err:  # noqa: BLE001 - a bad item is skipped and listed, never fatal
-            yield [np.zeros(shape, np.float32)], f"{type(err).__name__}: {err}"[:300]
+            yield [np.zeros(shape, np.float32)], f"{type(err).__name__}: {err}"[:300], ""
 
 
 def _read_task(batch: dict[str, np.ndarray], fs: Any, settings: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -164,8 +191,9 @@ def _read_task(batch: dict[str, np.ndarray], fs: Any, settings: dict[str, Any]) 
     for shard, plan_json in zip(batch["shard"], batch["plan"]):
         plan = json.loads(plan_json)
         items = [SourceItem.from_list(x) for x in plan["items"]]
-        rows: dict[str, list] = {k: [] for k in ("shard", "item", "nrows", "key", "x", "error", "source")}
-        for i, (xs, error) in enumerate(_decode_items(fs, items, settings)):
+        cols = ("shard", "item", "nrows", "key", "x", "error", "note", "source")
+        rows: dict[str, list] = {k: [] for k in cols}
+        for i, (xs, error, note) in enumerate(_decode_items(fs, items, settings)):
             for j, x in enumerate(xs):
                 rows["shard"].append(int(shard))
                 rows["item"].append(i)
@@ -174,6 +202,7 @@ def _read_task(batch: dict[str, np.ndarray], fs: Any, settings: dict[str, Any]) 
                 rows["key"].append(key if settings["modality"] != "audio" else f"{key}_{j:03d}")
                 rows["x"].append(x)
                 rows["error"].append(error)
+                rows["note"].append(note)
                 rows["source"].append(items[i].display)
             if len(rows["x"]) >= _DECODE_CHUNK:
                 yield _pack(rows, shape)
@@ -249,8 +278,9 @@ class _ShardAcc:
     latents: list[np.ndarray] = field(default_factory=list)
     logvars: list[np.ndarray] = field(default_factory=list)
     skipped: dict[int, dict[str, str]] = field(default_factory=dict)
+    flagged: dict[int, dict[str, str]] = field(default_factory=dict)
 
-    def add(self, item: int, nrows: int, key: str, z, lv, error: str, source: str) -> None:
+    def add(self, item: int, nrows: int, key: str, z, lv, error: str, note: str, source: str) -> None:
         if error:
             self.skipped[item] = {"path": source, "reason": error}
         else:
@@ -258,6 +288,8 @@ class _ShardAcc:
             self.latents.append(z)
             if lv is not None:
                 self.logvars.append(lv)
+            if note:
+                self.flagged[item] = {"path": source, "note": note}
         seen = self.rows_seen.get(item, 0) + 1
         self.rows_seen[item] = seen
         if seen == nrows:
@@ -299,14 +331,192 @@ class EncodeResult:
         return self.items_encoded / max(self.seconds, 1e-9)
 
     items_encoded: int = 0  # input items processed in this run (kept shards excluded)
+    short_clips: int = 0  # audio clips that are mostly padding (listed in manifest.extra["audio"])
+
+    @property
+    def skip_fraction(self) -> float:
+        """Skipped inputs over listed inputs (1.0 when nothing was listed)."""
+        return self.manifest.num_skipped / self.items if self.items else 1.0
 
     def summary(self) -> str:
         m = self.manifest
+        short = f", {self.short_clips} audio clips mostly padding" if self.short_clips else ""
         return (
-            f"{m.count} latents from {self.items} inputs ({m.num_skipped} skipped) in {len(m.shards)} shards "
-            f"[{self.shards_written} written, {self.shards_kept} kept from an earlier run] in "
+            f"{m.count} latents from {self.items} inputs ({m.num_skipped} skipped{short}) in {len(m.shards)} "
+            f"shards [{self.shards_written} written, {self.shards_kept} kept from an earlier run] in "
             f"{self.seconds:.1f}s: {self.items_per_s:.1f} items/s -> {m.root}"
         )
+
+
+def check_result(result: EncodeResult, max_skip_fraction: float) -> str:
+    """Why an encode should count as failed ("" if it should not): nothing encoded, or too many skipped."""
+    m = result.manifest
+    first = f" (e.g. {m.skipped[0]['path']}: {m.skipped[0]['reason']})" if m.skipped else ""
+    if m.count == 0:
+        return f"nothing was encoded: {m.num_skipped} of {result.items} inputs were skipped{first}"
+    if result.skip_fraction > max_skip_fraction:
+        return (
+            f"{m.num_skipped} of {result.items} inputs ({100 * result.skip_fraction:.1f}%) were skipped, "
+            f"over the {100 * max_skip_fraction:g}% allowed{first}; the manifest lists each with its reason "
+            "(--max-skip-fraction raises the limit)"
+        )
+    return ""
+
+
+@dataclass
+class _Probe:
+    """What the driver learns from loading the VAE once on CPU: shapes, input settings, audio crop length."""
+
+    settings: dict[str, Any]
+    latent_shape: list[int]
+    want_logvar: bool
+    image_size: int | None
+    audio_samples: int | None
+
+    def fingerprint(self, vae_spec: str, dtype: str) -> dict[str, Any]:
+        """Everything besides the items that decides a shard's bytes (part of each shard's plan hash)."""
+        return {
+            "vae": vae_spec,
+            "dtype": dtype,
+            "logvar": self.want_logvar,
+            "image_size": self.image_size,
+            "settings": self.settings,
+        }
+
+
+def _probe_vae(vae_spec: str, image_size: int | None, audio_seconds: float | None, logvar: bool | None):
+    probe = _load_vae(vae_spec, "cpu", image_size, None)
+    audio_samples = None
+    if probe.modality == "audio" and audio_seconds is not None:
+        audio_samples = int(round(audio_seconds * probe.sample_rate))
+        probe = _load_vae(vae_spec, "cpu", image_size, audio_samples)
+    if probe.modality == "image" and image_size is None:
+        image_size = int(probe.input_shape[-1])
+    want_logvar = bool(probe.is_gaussian) if logvar is None else logvar
+    if want_logvar and not probe.is_gaussian:
+        raise ValueError(f"--logvar: {vae_spec} is not a Gaussian VAE (no posterior); use --no-logvar")
+    return _Probe(encode_settings(probe), list(probe.latent_shape), want_logvar, image_size, audio_samples)
+
+
+@dataclass
+class _Plan:
+    """Which shards to encode and which an earlier run of the same plan finished."""
+
+    todo: list[dict[str, Any]]
+    done: dict[int, dict[str, Any]]
+    plan_id: str  # hash of every shard's plan: the identity of this encode
+    num_shards: int
+    foreign: list[str]  # shard sidecars written by another plan (other inputs or settings)
+
+
+def _plan_shards(items, keys, shard_size: int, fingerprint: dict[str, Any], fs: Any, root: str) -> _Plan:
+    num_shards = math.ceil(len(items) / shard_size)
+    todo: list[dict[str, Any]] = []
+    done: dict[int, dict[str, Any]] = {}
+    foreign: list[str] = []
+    hashes = []
+    for j in range(num_shards):
+        chunk = items[j * shard_size : (j + 1) * shard_size]
+        ckeys = keys[j * shard_size : (j + 1) * shard_size]
+        h = _plan_hash(chunk, ckeys, fingerprint)
+        hashes.append(h)
+        side = _read_sidecar(fs, root, j)
+        if side is not None and side.get("plan") != h:
+            foreign.append(_sidecar_name(j))
+        if (
+            side is not None
+            and side.get("plan") == h
+            and (side["count"] == 0 or _fs.is_file(fs, _fs.join(root, shard_name(j))))
+        ):
+            done[j] = side
+            continue
+        todo.append(
+            {"shard": j, "plan": json.dumps({"items": [i.to_list() for i in chunk], "keys": ckeys}), "h": h}
+        )
+    plan_id = hashlib.sha256(json.dumps(hashes).encode()).hexdigest()[:32]
+    return _Plan(todo, done, plan_id, num_shards, foreign)
+
+
+_SHARD_FILE = re.compile(r"^shard-(\d{6})\.(tar|json)$")
+
+
+def _prepare_output(fs: Any, root: str, plan: _Plan, overwrite: bool) -> None:
+    """Refuse to mix this encode with another one's shards (unless ``overwrite``: then remove them), and
+    invalidate the manifest before any shard is rewritten, so no reader sees a manifest over mixed shards."""
+    import pyarrow.fs as pafs
+
+    names = {i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+    mpath = _fs.join(root, MANIFEST_NAME)
+    other: list[str] = list(plan.foreign)
+    if MANIFEST_NAME in names:
+        try:
+            old = json.loads(_fs.read_bytes(fs, mpath))
+        except Exception:  # noqa: BLE001 - unreadable: it is replaced below
+            old = {}
+        if (old.get("extra") or {}).get("plan") != plan.plan_id:
+            other.insert(0, f"{MANIFEST_NAME} of {old.get('source') or 'another encode'}")
+    extra = sorted(n for n in names if (m := _SHARD_FILE.match(n)) and int(m.group(1)) >= plan.num_shards)
+    other += extra
+    if other and not overwrite:
+        raise ValueError(
+            f"{root} holds shards of another encode (other inputs or settings): {', '.join(other[:4])}"
+            f"{' ...' if len(other) > 4 else ''}. Pass --overwrite (overwrite=True) to replace them, or "
+            "choose another --output"
+        )
+    if (plan.todo or other) and MANIFEST_NAME in names:
+        fs.delete_file(mpath)  # first: from here until the new manifest, the directory reads as unfinished
+    for name in other:
+        if _SHARD_FILE.match(name):
+            fs.delete_file(_fs.join(root, name))
+            tar = name[: -len(".json")] + ".tar" if name.endswith(".json") else ""
+            if tar and tar in names and tar not in other:
+                fs.delete_file(_fs.join(root, tar))
+
+
+def _build_manifest(plan: _Plan, probe: _Probe, list_skipped, meta: dict[str, Any]) -> tuple[Manifest, int]:
+    """The manifest from the sidecars (stats merged per shard, no pass over the latents); also returns
+    how many audio clips were flagged as mostly padding."""
+    stats = RunningStats(probe.latent_shape)
+    shards: list[ShardInfo] = []
+    skipped = list(list_skipped)
+    flagged: list[dict[str, str]] = []
+    for j in range(plan.num_shards):
+        side = plan.done.get(j)
+        if side is None:
+            raise RuntimeError(f"shard {j} was not finished; re-run to resume")
+        if side["count"]:
+            shards.append(
+                ShardInfo(shard_name(j), side["count"], side.get("size", 0), side.get("sha256", ""))
+            )
+            stats.merge(RunningStats.from_state_dict(side["stats"]))
+        skipped.extend(side["skipped"])
+        flagged.extend(side.get("flagged", []))
+    settings = probe.settings
+    extra: dict[str, Any] = {"shard_size_items": meta["shard_size"], "inputs": meta["inputs"]}
+    extra["plan"] = plan.plan_id
+    if probe.image_size is not None and settings["modality"] == "image":
+        extra["image_size"] = probe.image_size
+    if settings["modality"] == "audio":
+        extra["audio"] = {
+            k: settings[k] for k in settings if k not in ("input_shape", "latent_shape", "modality")
+        }
+        extra["audio"]["short_clips"] = flagged
+    manifest = Manifest(
+        count=sum(s.count for s in shards),
+        latent_shape=probe.latent_shape,
+        dtype=meta["dtype"],
+        has_logvar=probe.want_logvar,
+        vae=meta["vae"],
+        shards=shards,
+        skipped=skipped,
+        stats=stats.state_dict() if stats.count else None,
+        modality=settings["modality"],
+        source=meta["source"],
+        input_shape=list(settings["input_shape"]),
+        extra=extra,
+        root=meta["root"],
+    )
+    return manifest, len(flagged)
 
 
 def encode_to_shards(
@@ -326,6 +536,7 @@ def encode_to_shards(
     cpus_per_actor: float = 1.0,
     progress: bool = True,
     filesystem: Any = None,
+    overwrite: bool = False,
 ) -> EncodeResult:
     """Encode every input item under ``input_path`` with the VAE ``vae_spec`` into shards under ``output``.
 
@@ -345,10 +556,50 @@ def encode_to_shards(
         dtype: ``float32`` or ``float16`` storage.
         device: ``auto`` (GPU actors when the cluster has GPUs), ``cpu`` or ``cuda``.
         cpus_per_actor: CPUs reserved per CPU actor (also its torch thread count).
+        overwrite: replace shards another encode (other inputs or settings) left in ``output``; without
+            it such a directory is refused before anything is written.
     """
+    t0 = time.time()
+    device = _check_args_and_start(shard_size, batch_size, num_actors, dtype, device)
+    probe = _probe_vae(vae_spec, image_size, audio_seconds, logvar)
+    in_fs, in_root, items, list_skipped = list_sources(input_path, probe.settings["modality"], limit=limit)
+    keys = [item_key(i, it, in_root) for i, it in enumerate(items)]
+    out_fs, out_root = _fs.resolve(output, filesystem)
+    _fs.makedirs(out_fs, out_root)
+    _remove_stray_tmp(out_fs, out_root)
+    plan = _plan_shards(items, keys, shard_size, probe.fingerprint(vae_spec, dtype), out_fs, out_root)
+    _prepare_output(out_fs, out_root, plan, overwrite)
+    if progress:
+        _log(
+            f"{len(items)} inputs ({len(list_skipped)} unreadable containers) -> {plan.num_shards} shards of "
+            f"{shard_size}; {len(plan.done)} already finished, {len(plan.todo)} to encode with {num_actors} "
+            f"{device} actor(s); latent {probe.latent_shape}"
+        )
+    written = 0
+    if plan.todo:
+        written = _run_pipeline(
+            plan.todo, in_fs=in_fs, settings=probe.settings, out_fs=out_fs, out_root=out_root,
+            spec=vae_spec, device=device, image_size=probe.image_size, audio_samples=probe.audio_samples,
+            want_logvar=probe.want_logvar, batch_size=batch_size, num_actors=num_actors,
+            cpus_per_actor=cpus_per_actor, dtype=dtype, progress=progress, t0=t0, done=plan.done,
+            num_shards=plan.num_shards,
+        )  # fmt: skip
+    meta = {"shard_size": shard_size, "inputs": len(items), "dtype": dtype, "vae": vae_spec}
+    meta.update(source=str(input_path), root=str(output))
+    manifest, short = _build_manifest(plan, probe, list_skipped, meta)
+    manifest.save(output, filesystem=filesystem)
+    n_encoded = sum(min(shard_size, len(items) - t["shard"] * shard_size) for t in plan.todo)
+    result = EncodeResult(manifest, len(items), written, plan.num_shards - written, time.time() - t0)
+    result.items_encoded, result.short_clips = n_encoded, short
+    if progress:
+        _log(result.summary() + (" (see manifest extra.audio.short_clips)" if short else ""))
+    return result
+
+
+def _check_args_and_start(shard_size: int, batch_size: int, num_actors: int, dtype: str, device: str) -> str:
+    """Validate the arguments, start Ray if needed, and resolve ``device="auto"``."""
     import ray
 
-    t0 = time.time()
     if shard_size < 1 or batch_size < 1 or num_actors < 1:
         raise ValueError(
             f"shard_size={shard_size}, batch_size={batch_size}, num_actors={num_actors}: all >= 1"
@@ -361,130 +612,7 @@ def encode_to_shards(
     init_ray(num_cpus=os.cpu_count())
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
-
-    # The driver loads the VAE once (on CPU) only to learn shapes and the audio front end.
-    probe = _load_vae(vae_spec, "cpu", image_size, None)
-    audio_samples = None
-    if probe.modality == "audio" and audio_seconds is not None:
-        audio_samples = int(round(audio_seconds * probe.sample_rate))
-        probe = _load_vae(vae_spec, "cpu", image_size, audio_samples)
-    if probe.modality == "image" and image_size is None:
-        image_size = int(probe.input_shape[-1])
-    want_logvar = bool(probe.is_gaussian) if logvar is None else logvar
-    if want_logvar and not probe.is_gaussian:
-        raise ValueError(f"--logvar: {vae_spec} is not a Gaussian VAE (no posterior); use --no-logvar")
-    settings = encode_settings(probe)
-    latent_shape = list(probe.latent_shape)
-    del probe
-
-    in_fs, in_root, items, list_skipped = list_sources(input_path, settings["modality"], limit=limit)
-    keys = [item_key(i, it, in_root) for i, it in enumerate(items)]
-    fingerprint = {
-        "vae": vae_spec,
-        "dtype": dtype,
-        "logvar": want_logvar,
-        "image_size": image_size,
-        "settings": settings,
-    }
-    out_fs, out_root = _fs.resolve(output, filesystem)
-    _fs.makedirs(out_fs, out_root)
-    _remove_stray_tmp(out_fs, out_root)
-
-    num_shards = math.ceil(len(items) / shard_size)
-    todo: list[dict[str, Any]] = []
-    done: dict[int, dict[str, Any]] = {}
-    for j in range(num_shards):
-        chunk = items[j * shard_size : (j + 1) * shard_size]
-        ckeys = keys[j * shard_size : (j + 1) * shard_size]
-        h = _plan_hash(chunk, ckeys, fingerprint)
-        side = _read_sidecar(out_fs, out_root, j)
-        if (
-            side is not None
-            and side.get("plan") == h
-            and (side["count"] == 0 or _fs.is_file(out_fs, _fs.join(out_root, shard_name(j))))
-        ):
-            done[j] = side
-            continue
-        todo.append(
-            {"shard": j, "plan": json.dumps({"items": [i.to_list() for i in chunk], "keys": ckeys}), "h": h}
-        )
-    n_todo_items = sum(min(shard_size, len(items) - t["shard"] * shard_size) for t in todo)
-    if progress:
-        _log(
-            f"{len(items)} inputs ({len(list_skipped)} unreadable containers) -> {num_shards} shards of "
-            f"{shard_size}; {len(done)} already finished, {len(todo)} to encode with {num_actors} "
-            f"{device} actor(s); latent {latent_shape}"
-        )
-
-    written = 0
-    if todo:
-        written = _run_pipeline(
-            todo,
-            in_fs=in_fs,
-            settings=settings,
-            out_fs=out_fs,
-            out_root=out_root,
-            spec=vae_spec,
-            device=device,
-            image_size=image_size,
-            audio_samples=audio_samples,
-            want_logvar=want_logvar,
-            batch_size=batch_size,
-            num_actors=num_actors,
-            cpus_per_actor=cpus_per_actor,
-            dtype=dtype,
-            progress=progress,
-            t0=t0,
-            done=done,
-            num_shards=num_shards,
-        )
-
-    # Manifest from the sidecars: stats merged per shard, no pass over the latents.
-    stats = RunningStats(latent_shape)
-    shards: list[ShardInfo] = []
-    skipped = list(list_skipped)
-    for j in range(num_shards):
-        side = done.get(j)
-        if side is None:
-            raise RuntimeError(f"shard {j} was not finished; re-run to resume")
-        if side["count"]:
-            shards.append(ShardInfo(shard_name(j), side["count"]))
-            stats.merge(RunningStats.from_state_dict(side["stats"]))
-        skipped.extend(side["skipped"])
-    extra: dict[str, Any] = {"shard_size_items": shard_size, "inputs": len(items)}
-    if image_size is not None and settings["modality"] == "image":
-        extra["image_size"] = image_size
-    if settings["modality"] == "audio":
-        extra["audio"] = {
-            k: settings[k] for k in settings if k not in ("input_shape", "latent_shape", "modality")
-        }
-    manifest = Manifest(
-        count=sum(s.count for s in shards),
-        latent_shape=latent_shape,
-        dtype=dtype,
-        has_logvar=want_logvar,
-        vae=vae_spec,
-        shards=shards,
-        skipped=skipped,
-        stats=stats.state_dict() if stats.count else None,
-        modality=settings["modality"],
-        source=str(input_path),
-        input_shape=list(settings["input_shape"]),
-        extra=extra,
-        root=str(output),
-    )
-    manifest.save(output, filesystem=filesystem)
-    result = EncodeResult(
-        manifest=manifest,
-        items=len(items),
-        shards_written=written,
-        shards_kept=num_shards - written,
-        seconds=time.time() - t0,
-        items_encoded=n_todo_items,
-    )
-    if progress:
-        _log(result.summary())
-    return result
+    return device
 
 
 def _remove_stray_tmp(fs: Any, root: str) -> None:
@@ -552,6 +680,7 @@ def _run_pipeline(
                 batch["latent"][r],
                 None if lv_col is None else lv_col[r],
                 str(batch["error"][r]),
+                str(batch["note"][r]),
                 str(batch["source"][r]),
             )
             if acc.complete:
@@ -576,19 +705,23 @@ def _finish_shard(acc: _ShardAcc, fs: Any, root: str, dtype: str) -> dict[str, A
 
     count = len(acc.keys)
     stats = RunningStats(acc.latents[0].shape if count else (1,))
+    info = None
     if count:
         z = np.stack(acc.latents)
         lv = np.stack(acc.logvars) if acc.logvars else None
-        write_shard(root, acc.index, acc.keys, z, lv, dtype=dtype, filesystem=fs)
+        info = write_shard(root, acc.index, acc.keys, z, lv, dtype=dtype, filesystem=fs)
         stats.update(torch.from_numpy(z.astype(dtype).astype(np.float32)))
     side = {
         "plan": acc.plan_hash,
         "count": count,
+        "size": info.size if info else 0,
+        "sha256": info.sha256 if info else "",
         "skipped": [acc.skipped[i] for i in sorted(acc.skipped)],
+        "flagged": [acc.flagged[i] for i in sorted(acc.flagged)],
         "stats": stats.state_dict() if count else None,
     }
     _fs.write_bytes_atomic(fs, _fs.join(root, _sidecar_name(acc.index)), json.dumps(side).encode())
     return side
 
 
-__all__ = ["AudioPrep", "EncodeResult", "encode_settings", "encode_to_shards"]
+__all__ = ["AudioPrep", "EncodeResult", "check_result", "encode_settings", "encode_to_shards"]

@@ -14,10 +14,12 @@ list from the manifest, never from a directory listing.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import re
+import sys
 import tarfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -57,6 +59,18 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+class _HashingWriter:
+    """Forwards writes to a stream while counting bytes and hashing them (sha256 recorded per shard)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.size, self.sha = stream, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+
 class _TarShard:
     """One shard being written: a temporary file that becomes ``shard-XXXXXX.tar`` on :meth:`commit`."""
 
@@ -66,8 +80,9 @@ class _TarShard:
         self.path = _fs.join(root, self.name)
         self.tmp_path = f"{self.path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
         self._stream = fs.open_output_stream(self.tmp_path)
+        self._hashed = _HashingWriter(self._stream)
         # Stream mode ("w|"): no seeking, so it works on object stores too.
-        self._tar = tarfile.open(fileobj=self._stream, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._tar = tarfile.open(fileobj=self._hashed, mode="w|", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self.count = 0
 
     def _add(self, name: str, data: bytes) -> None:
@@ -87,7 +102,7 @@ class _TarShard:
         self._tar.close()
         self._stream.close()
         self.fs.move(self.tmp_path, self.path)
-        return ShardInfo(self.name, self.count)
+        return ShardInfo(self.name, self.count, self._hashed.size, self._hashed.sha.hexdigest())
 
     def abort(self) -> None:
         try:
@@ -127,8 +142,13 @@ def write_shard(
 
 @dataclass
 class ShardInfo:
+    """One shard of a manifest: file name, latents in it, and (manifests written since they were added;
+    0 / "" in older ones) its size in bytes and sha256, which readers check."""
+
     name: str
     count: int
+    size: int = 0
+    sha256: str = ""
 
 
 @dataclass
@@ -155,6 +175,8 @@ class Manifest:
     format: str = FORMAT
     # Where the manifest was read from / saved to (not serialized): shard paths are relative to it.
     root: str = field(default="", compare=False, repr=False)
+    # Shards dropped on read because they are missing or damaged (not serialized): {"path", "reason"}.
+    bad_shards: list[dict[str, str]] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.latent_shape = [int(s) for s in self.latent_shape]
@@ -176,8 +198,14 @@ class Manifest:
         return [_fs.join(self.root, s.name) for s in self.shards]
 
     def to_dict(self) -> dict[str, Any]:
+        if self.bad_shards:
+            raise ValueError(
+                f"manifest of {self.root}: shards were dropped on read ({len(self.bad_shards)} damaged); "
+                "saving it would forget them: re-encode instead"
+            )
         d = asdict(self)
         d.pop("root")
+        d.pop("bad_shards")
         return d
 
     @classmethod
@@ -202,8 +230,11 @@ class Manifest:
         return _fs.join(where, MANIFEST_NAME)
 
 
-def read_manifest(path_or_uri: str | os.PathLike, filesystem: Any = None) -> Manifest:
-    """Load ``manifest.json`` from a shard directory (or the file itself), local or remote."""
+def read_manifest(path_or_uri: str | os.PathLike, filesystem: Any = None, *, verify: bool = True) -> Manifest:
+    """Load ``manifest.json`` from a shard directory (or the file itself), local or remote.
+
+    With ``verify`` (default) every listed shard must exist with the size the manifest recorded; the others
+    are dropped from the result, counted in ``bad_shards`` and warned about (see :func:`check_shards`)."""
     where = str(path_or_uri)
     if not where:
         raise FileNotFoundError(
@@ -223,7 +254,59 @@ def read_manifest(path_or_uri: str | os.PathLike, filesystem: Any = None) -> Man
         data = json.loads(_fs.read_bytes(fs, mpath))
     except json.JSONDecodeError as err:
         raise ValueError(f"{mpath}: corrupt manifest ({err})") from None
-    return Manifest.from_dict(data, root=root)
+    manifest = Manifest.from_dict(data, root=root)
+    return drop_bad_shards(manifest, check_shards(manifest, filesystem)) if verify else manifest
+
+
+def _sha256_of(fs: Any, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path, compression=None) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_shards(manifest: Manifest, filesystem: Any = None, *, deep: bool = False) -> list[dict[str, str]]:
+    """Problems of the shards a manifest lists: missing, or another size than recorded (a truncated or
+    rewritten shard); with ``deep`` also another sha256 (reads every shard). One directory listing unless
+    ``deep``. Returns ``[{"path": shard name, "reason": ...}]``; shards of older manifests (no size) are
+    only checked for presence."""
+    import pyarrow.fs as pafs
+
+    fs, root = _fs.resolve(manifest.root, filesystem)
+    listing = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))}
+    bad = []
+    for s in manifest.shards:
+        size = listing.get(s.name)
+        if size is None:
+            reason = "missing"
+        elif s.size and size != s.size:
+            reason = f"{size} bytes, the manifest says {s.size} (truncated or rewritten)"
+        elif deep and s.sha256 and _sha256_of(fs, _fs.join(root, s.name)) != s.sha256:
+            reason = "sha256 differs from the manifest's (damaged or rewritten)"
+        else:
+            continue
+        bad.append({"path": s.name, "reason": f"shard {reason}: its {s.count} latents are skipped"})
+    return bad
+
+
+def drop_bad_shards(manifest: Manifest, bad: list[dict[str, str]]) -> Manifest:
+    """``manifest`` without the shards in ``bad`` (count lowered; listed in ``bad_shards``); says so."""
+    if not bad:
+        return manifest
+    names = {b["path"] for b in bad}
+    kept = [s for s in manifest.shards if s.name not in names]
+    lost = sum(s.count for s in manifest.shards if s.name in names)
+    print(
+        f"[revq_ray.data] WARNING {manifest.root}: {len(bad)} of {len(manifest.shards)} shards are damaged "
+        f"and skipped ({lost} latents), e.g. {bad[0]['path']}: {bad[0]['reason']}. Re-run the encode to "
+        "repair them",
+        file=sys.stderr,
+        flush=True,
+    )
+    out = Manifest.from_dict(manifest.to_dict(), root=manifest.root)
+    out.shards, out.count, out.bad_shards = kept, manifest.count - lost, list(bad)
+    return out
 
 
 class ShardWriter:

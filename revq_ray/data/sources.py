@@ -20,6 +20,7 @@ import gzip
 import io
 import os
 import tarfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,11 +92,30 @@ _IDX_CACHE: dict[str, np.ndarray] = {}
 _IDX_CACHE_MAX_BYTES = 512 * 2**20
 
 
+def _read_present(f: Any, nbytes: int, chunk: int = 1 << 20) -> bytes:
+    """Up to ``nbytes`` from ``f``; a file (or gzip stream) that ends early gives what it holds."""
+    parts: list[bytes] = []
+    left = nbytes
+    # read1: one decompression step per call, so a gzip stream that breaks off loses nothing decoded before
+    read = getattr(f, "read1", f.read)
+    while left > 0:
+        try:
+            got = read(min(left, chunk))
+        except (EOFError, OSError, zlib.error):  # gzip cut mid-stream: keep what was decoded before
+            break
+        if not got:
+            break
+        parts.append(got)
+        left -= len(got)
+    return b"".join(parts)
+
+
 def read_idx_range(fs: Any, path: str, start: int, stop: int) -> np.ndarray:
     """Images ``start:stop`` of an IDX3 file as uint8 (n, H, W).
 
     A worker process keeps one small file (<= 512 MiB decompressed) cached, so the shard tasks that run
-    in the same worker decompress a gzip file once, not once per shard.
+    in the same worker decompress a gzip file once, not once per shard. A truncated file gives the images
+    it holds (fewer rows than asked; those past its end are the caller's to report), read once too.
     """
     n, h, w = idx_header(fs, path)
     stop = min(stop, n)
@@ -103,24 +123,16 @@ def read_idx_range(fs: Any, path: str, start: int, stop: int) -> np.ndarray:
         return _IDX_CACHE[path][start:stop]
     with _open_idx(fs, path) as f:
         if n * h * w <= _IDX_CACHE_MAX_BYTES:
-            data = f.read(16 + n * h * w)[16:]
-            if len(data) < n * h * w:
-                raise ValueError(f"truncated IDX file ({len(data)} bytes for {n} images of {h}x{w})")
-            arr = np.frombuffer(data, np.uint8).reshape(n, h, w)
+            data = _read_present(f, 16 + n * h * w)[16:]
+            m = len(data) // (h * w)
+            arr = np.frombuffer(data[: m * h * w], np.uint8).reshape(m, h, w)
             _IDX_CACHE.clear()
             _IDX_CACHE[path] = arr
             return arr[start:stop]
-        f.read(16)
-        skip = start * h * w
-        while skip:
-            got = len(f.read(min(skip, 1 << 24)))
-            if not got:
-                raise ValueError("truncated IDX file")
-            skip -= got
-        data = f.read((stop - start) * h * w)
-    if len(data) < (stop - start) * h * w:
-        raise ValueError("truncated IDX file")
-    return np.frombuffer(data, np.uint8).reshape(stop - start, h, w)
+        skipped = len(_read_present(f, 16 + start * h * w, chunk=1 << 24))
+        data = _read_present(f, (stop - start) * h * w) if skipped == 16 + start * h * w else b""
+    m = len(data) // (h * w)
+    return np.frombuffer(data[: m * h * w], np.uint8).reshape(m, h, w)
 
 
 def _tar_samples(fs: Any, path: str, extensions: tuple[str, ...]) -> list[str]:
@@ -201,12 +213,9 @@ def list_sources(
 # --------------------------------------------------------------------------------------------- decoding
 def decode_image(data: bytes, size: int):
     """Encoded image bytes -> float (3, size, size) in [0, 1] (gray replicated, alpha dropped)."""
-    import PIL.Image
+    from revq_ray.vae.images import open_image_capped, to_vae_input
 
-    from revq_ray.vae.images import to_vae_input
-
-    with PIL.Image.open(io.BytesIO(data)) as img:
-        img.load()  # force the full decode here: truncated files fail now, not later
+    with open_image_capped(io.BytesIO(data), size) as img:  # pixel cap; JPEGs decoded at reduced scale
         return to_vae_input(img, size)
 
 

@@ -43,6 +43,24 @@ def synthetic_latents(
     return z.reshape(n, *shape), lv.reshape(n, *shape)
 
 
+def _require_empty(out_dir: str | os.PathLike, filesystem: Any) -> None:
+    """Synthetic latents go only into a missing or empty directory: never over real shards (e.g. those of
+    an interrupted encode, which has no manifest yet)."""
+    import pyarrow.fs as pafs
+
+    from revq_ray.data import fs as _fs
+
+    fs, root = _fs.resolve(out_dir, filesystem)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)))
+    if names:
+        raise ValueError(
+            f"{out_dir} is not empty ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): synthetic "
+            "latents are written only into a missing or empty directory, never over existing files (an "
+            "interrupted encode leaves shards without a manifest: re-run it to finish). Point data.shards "
+            "at another directory, or delete this one"
+        )
+
+
 def write_synthetic_shards(
     out_dir: str | os.PathLike,
     n: int,
@@ -58,9 +76,11 @@ def write_synthetic_shards(
     """Write ``n`` synthetic latents as shards + ``manifest.json`` (vae ``"synthetic"``); returns it.
 
     Keys are ``00000000``, ``00000001``, ...; ``with_logvar`` adds Gaussian log-variances (for GQ).
+    ``out_dir`` must be missing or empty (a ``ValueError`` otherwise): existing data is never overwritten.
     """
     if n < 1:
         raise ValueError(f"n={n}: need at least one latent")
+    _require_empty(out_dir, filesystem)
     chunk = 1024
     with ShardWriter(out_dir, shard_size=shard_size, dtype=dtype, filesystem=filesystem) as w:
         for start in range(0, n, chunk):

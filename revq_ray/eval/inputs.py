@@ -79,6 +79,33 @@ def detect_kind(path: str | os.PathLike) -> str:
     )
 
 
+class _DamagedShard(ValueError):
+    """A shard read to its end differs from the manifest (member count or sha256)."""
+
+
+class _Sha:
+    """A read stream that hashes what passes through it."""
+
+    def __init__(self, raw: Any):
+        import hashlib
+
+        self.raw, self.sha = raw, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        return data
+
+
+def _check_shard(stream: _Sha, info: Any, count: int) -> None:
+    while stream.read(1 << 20):  # the tar's end padding, which tarfile leaves unread
+        pass
+    if count != info.count:
+        raise _DamagedShard(f"{count} latents, the manifest says {info.count}")
+    if info.sha256 and stream.sha.hexdigest() != info.sha256:
+        raise _DamagedShard("sha256 differs from the manifest's (damaged or rewritten)")
+
+
 def read_latents(shards: str | os.PathLike, limit: int | None = None) -> EvalInput:
     """The first ``limit`` latents (and logvars, when stored) of a shard directory, in manifest order.
 
@@ -87,23 +114,28 @@ def read_latents(shards: str | os.PathLike, limit: int | None = None) -> EvalInp
     from revq_ray.data import fs as _fs
     from revq_ray.data.shards import read_manifest
 
-    manifest = read_manifest(str(shards))
+    manifest = read_manifest(str(shards))  # drops (and lists in bad_shards) missing or truncated shards
     fs, _ = _fs.resolve(manifest.root)
     latents: dict[str, np.ndarray] = {}
     logvars: dict[str, np.ndarray] = {}
     order: list[str] = []
-    skipped: list[str] = []
+    skipped: list[str] = [f"{b['path']}: {b['reason']}" for b in manifest.bad_shards]
     want = limit if limit is not None else manifest.count
-    for uri in manifest.shard_uris():
+    for info, uri in zip(manifest.shards, manifest.shard_uris()):
         if len(order) >= want:
             break
         _, path = _fs.resolve(uri)
+        first, seen = len(order), 0
         try:
-            with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            with (
+                fs.open_input_stream(path) as raw,
+                tarfile.open(fileobj=(stream := _Sha(raw)), mode="r|") as tar,
+            ):
                 for member in tar:
                     if not member.isfile():
                         continue
                     key, _, suffix = member.name.partition(".")
+                    seen += suffix == "latent.npy"
                     try:
                         arr = np.load(io.BytesIO(tar.extractfile(member).read()), allow_pickle=False)
                     except Exception as err:  # corrupt member: skip, count, go on
@@ -117,8 +149,14 @@ def read_latents(shards: str | os.PathLike, limit: int | None = None) -> EvalInp
                         logvars[key] = arr
                     if len(order) > want:
                         break
-        except (OSError, tarfile.TarError) as err:
+                else:  # read to the end: the whole shard must be what the manifest recorded
+                    _check_shard(stream, info, seen)
+        except (OSError, tarfile.TarError, _DamagedShard) as err:
             skipped.append(f"{uri}: {type(err).__name__}: {err}")
+            for key in order[first:]:  # a damaged shard is skipped whole, never half-used
+                latents.pop(key, None)
+                logvars.pop(key, None)
+            del order[first:]
     order = order[:want]
     if not order:
         raise ValueError(f"{shards}: no readable latents ({len(skipped)} unreadable entries: {skipped[:3]})")

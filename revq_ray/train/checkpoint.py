@@ -16,10 +16,13 @@ zeroes its counts again. A resumed run therefore resets on exactly the counts an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,48 @@ def save(engine: Any, state: TrainerState, ckpt_dir: str | os.PathLike, rank: in
         Path(ckpt_dir, STATE_FILE).write_text(state.to_json())
 
 
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint file holds pickled Python objects beyond tensors and plain data: it was not written by
+    this trainer (or was tampered with), and loading it could run code."""
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed pickles into its checkpoints (ZeRO 1/2 optimizer states): plain data
+    classes whose unpickling runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine: Any) -> Iterator[None]:
+    """While active, every file DeepSpeed loads through ``engine.checkpoint_engine`` is read with
+    ``torch.load(weights_only=True)`` (tensors, plain containers and the allowlist above), not with
+    DeepSpeed's ``weights_only=False``: whoever can write the checkpoint folder cannot run code on workers."""
+    ce = engine.checkpoint_engine
+    allowed = _deepspeed_safe_globals()
+
+    def _load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as err:
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UntrustedCheckpointError(
+                    f"{path}: refusing to load this checkpoint file: it holds pickled objects that are not "
+                    f"tensors or plain data ({first}). It was not written by this trainer or was modified; "
+                    "delete the checkpoint (or the run folder) if you do not trust it"
+                ) from None
+
+    ce.load = _load  # instance attribute: shadows the class's method until restored
+    try:
+        yield
+    finally:
+        del ce.load
+
+
 def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> TrainerState:
     """Collective: restore module, optimizer and trainer state from a (merged) checkpoint directory.
 
@@ -93,13 +138,14 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
             "loading the model only; optimizer moments start from zero",
             flush=True,
         )
-    path, _ = engine.load_checkpoint(
-        str(ckpt_dir),
-        tag=DS_TAG,
-        load_optimizer_states=same_world,
-        load_lr_scheduler_states=False,
-        load_module_only=not same_world,
-    )
+    with weights_only_loads(engine):
+        path, _ = engine.load_checkpoint(
+            str(ckpt_dir),
+            tag=DS_TAG,
+            load_optimizer_states=same_world,
+            load_lr_scheduler_states=False,
+            load_module_only=not same_world,
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir}/{DS_TAG}")
     counts = _counts_buffer(engine.module)

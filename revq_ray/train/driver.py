@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
 from revq_ray.runtime import add_set_argument, get_logger, init_ray
+from revq_ray.train.identity import check_run_identity
 from revq_ray.train.plan import ensure_shards, plan_run, resolve_paths
 
 __all__ = [
@@ -104,6 +105,7 @@ def build_trainer(
     cfg = resolve_paths(cfg)
     ensure_shards(cfg)
     plan, datasets = plan_run(cfg, storage_path=storage_path, run_name=run_name)
+    check_run_identity(cfg, plan.storage_path, plan.name)  # before any worker touches the run
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
     if tc.use_gpu:
@@ -128,8 +130,10 @@ def build_trainer(
 
 def _train_fn(config: dict[str, Any]) -> None:
     # Imported inside the worker so the driver never imports DeepSpeed.
+    from revq_ray.train.jit import load_deepspeed_ops
     from revq_ray.train.loop import train_loop_per_worker
 
+    load_deepspeed_ops()  # under an owner lock: a killed earlier build cannot block this worker
     train_loop_per_worker(config)
 
 
@@ -188,11 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # Ray Train's TrainingFailedError and friends: the workers' error, non-zero exit
-        print(f"error: training failed: {type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:  # a failed run (e.g. a non-finite loss): its cause in one line, exit 1
+        from revq_ray.train.guards import failure_message
+
+        print(f"error: {failure_message(err)}", file=sys.stderr)
         return 1
     if getattr(result, "error", None) is not None:
-        print(f"error: training failed: {result.error}", file=sys.stderr)
+        from revq_ray.train.guards import failure_message
+
+        print(f"error: {failure_message(result.error)}", file=sys.stderr)
         return 1
     m = result.metrics or {}
     val = m.get("val_mse", float("nan"))
@@ -200,5 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"finished {cfg.name}: step {m.get('step')}, val_mse {val:.5f} (without rectifier "
         f"{m.get('val_mse_norect', math.nan):.5f}), usage {100 * m.get('usage_mean', math.nan):.1f}%"
     )
-    _log(f"run dir {m.get('run_dir')}; model: {m.get('run_dir')}/export/best (and export/latest)")
+    from revq_ray.train.guards import existing_exports
+
+    exports = " and ".join(existing_exports(m.get("run_dir"))) or "no export"
+    _log(f"run dir {m.get('run_dir')}; model: {exports}")
     return 0

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from revq_ray.runtime import get_logger
+from revq_ray.train import guards
 
 _log = get_logger("revq_ray.train")
 
 METRICS_FILE = "metrics.csv"
 STARTS_FILE = "starts.csv"
+STEPS_FILE = "steps.log"
 
 # Fixed columns: a stable schema for CSV readers; anything else reported goes to TensorBoard only.
 COLUMNS = [
@@ -110,6 +112,44 @@ class RunLogger:
             self._tb.close()
 
 
+class StepLog:
+    """``<run_dir>/steps.log``: append-only, never rewritten (unlike ``metrics.csv``). Each start of the
+    worker group writes ``start <step> pid <pid>``, then rank 0 writes every optimizer step it completes, one
+    line each, flushed at once. After failures it shows what was really executed: steps rolled back to a
+    checkpoint appear twice, once in each attempt; :func:`committed_steps` gives the timeline that counts."""
+
+    def __init__(self, run_dir: str | os.PathLike, start_step: int):
+        self.path = Path(run_dir) / STEPS_FILE
+        self._f = open(self.path, "a", buffering=1)  # noqa: SIM115 - line-buffered for the run's lifetime
+        self._f.write(f"start {start_step} pid {os.getpid()}\n")
+
+    def step(self, step: int) -> None:
+        self._f.write(f"{step}\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_step_log(path: str | os.PathLike) -> list[tuple[int, list[int]]]:
+    """``[(start_step, [steps done by that attempt]), ...]`` from a ``steps.log``."""
+    attempts: list[tuple[int, list[int]]] = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("start "):
+            attempts.append((int(line.split()[1]), []))
+        elif line.strip() and attempts:
+            attempts[-1][1].append(int(line))
+    return attempts
+
+
+def committed_steps(attempts: list[tuple[int, list[int]]]) -> list[int]:
+    """The steps that count: each attempt's steps up to where the next attempt resumed."""
+    out: list[int] = []
+    for i, (_, steps) in enumerate(attempts):
+        stop = attempts[i + 1][0] if i + 1 < len(attempts) else None
+        out.extend(s for s in steps if stop is None or s <= stop)
+    return out
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)
@@ -148,10 +188,6 @@ def progress_line(m: dict[str, Any], total_steps: int, eta_s: float | None) -> s
 
 
 # --------------------------------------------------------------------------------------------- reporter
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss: stopped before anything non-finite is checkpointed or exported."""
-
-
 class Reporter:
     """Window sums, the metrics dict, ``ray.train.report``, exports and rank 0's logs, for the worker loop.
 
@@ -178,6 +214,7 @@ class Reporter:
         self.start_step = start_step
         self.reduce_floats = reduce_floats  # list[float] -> list[float], summed over ranks
         self.logger = RunLogger(self.run_dir, start_step) if rank == 0 else None
+        self.steplog = StepLog(self.run_dir, start_step) if rank == 0 else None
         self.win = torch.zeros(3, dtype=torch.float64, device=device)  # loss, quant part, rect
         self.extra: dict[str, Any] = {}
         self.win_steps = 0
@@ -185,10 +222,13 @@ class Reporter:
         self.run_t0 = self.win_t0 = time.perf_counter()
         self.last_report_t = 0.0
 
-    def add(self, losses: dict[str, Any], loss: Any) -> None:
-        """One step's losses (device tensors; nothing leaves the device)."""
+    def add(self, step: int, losses: dict[str, Any], loss: Any) -> None:
+        """Step ``step`` is done: its losses (device tensors; nothing leaves the device), and rank 0's line in
+        the append-only ``steps.log``."""
         import torch
 
+        if self.steplog is not None:
+            self.steplog.step(step)
         with torch.no_grad():
             total, rect = loss.detach().double(), losses["rect"].detach().double()
             self.win += torch.stack([total, total - rect, rect])
@@ -200,7 +240,7 @@ class Reporter:
     def close_window(self, step: int) -> tuple[dict[str, float], bool]:
         """Collective: the window's mean losses over all ranks, and whether Ray wants a report now (rank 0's
         clock decides; riding on this all-reduce keeps every rank's report count equal). Raises
-        :class:`NonFiniteLossError` on a NaN/Inf loss."""
+        :class:`~revq_ray.train.guards.NonFiniteError` on a NaN/Inf loss (on every rank alike)."""
         want = float(self.rank == 0 and time.perf_counter() - self.last_report_t >= self.report_interval_s)
         extra_keys = sorted(self.extra)
         local = [*self.win.tolist(), *(float(self.extra[k]) for k in extra_keys), float(self.win_steps), want]
@@ -208,13 +248,7 @@ class Reporter:
         n = max(sums[-2], 1.0)
         means = {"loss": sums[0] / n, "loss_quant": sums[1] / n, "loss_rect": sums[2] / n}
         means.update({f"loss_{k}": sums[3 + i] / n for i, k in enumerate(extra_keys)})
-        if not all(math.isfinite(v) for v in means.values()):
-            first = step - self.win_steps + 1
-            raise NonFiniteLossError(
-                f"non-finite training loss in steps {first}-{step} ({means}); stopped before checkpointing "
-                "or exporting. Check the latents (e.g. `python -m revq_ray.eval` on the shards) and lower "
-                "train.lr"
-            )
+        guards.check_window(sums[0], sums[-2], step, first_step=step - self.win_steps + 1)
         return means, sums[-1] > 0
 
     def metrics(self, state: Any, means: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -262,3 +296,5 @@ class Reporter:
     def close(self) -> None:
         if self.logger is not None:
             self.logger.close()
+        if self.steplog is not None:
+            self.steplog.close()

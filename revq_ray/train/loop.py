@@ -52,6 +52,7 @@ from revq_ray.config import RunConfig
 from revq_ray.runtime import get_logger
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
+from revq_ray.train import guards
 from revq_ray.train.logs import Reporter
 from revq_ray.train.plan import RunPlan
 from revq_ray.train.schedule import Due, Schedule
@@ -273,7 +274,7 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
     engine.backward(out.loss)
     run.norms = eng.clip_grad_norms_(engine, run.group_names, tc.grad_clip)
     engine.step()
-    run.reporter.add(out.losses, out.loss)
+    run.reporter.add(run.state.step + 1, out.losses, out.loss)
 
 
 @torch.no_grad()
@@ -349,11 +350,13 @@ def _checkpoint(run: Run) -> tuple[Any, str | None]:
     Refuses non-finite weights (nothing non-finite is ever saved or exported)."""
     from ray.train import Checkpoint
 
-    finite = torch.stack([p.detach().isfinite().all() for p in run.module.parameters()]).all()
-    if not bool(finite):
-        from revq_ray.train.logs import NonFiniteLossError
-
-        raise NonFiniteLossError(f"non-finite model weights at step {run.state.step}: not checkpointed")
+    bad = guards.nonfinite_params(run.module)
+    if bad:
+        raise guards.NonFiniteError(
+            f"non-finite parameters at step {run.state.step} ({', '.join(bad[:5])}): training stopped before "
+            "checkpointing or exporting them",
+            run.state.step,
+        )
     tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{run.rank}_")
     ckpt.save(run.engine, run.state, tmp, run.rank, run.world)
     run.last_ckpt_step = run.state.step

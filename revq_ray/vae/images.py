@@ -6,6 +6,7 @@ Every image VAE here takes (B, 3, S, S) float in [0, 1]; adapters map that to th
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,35 @@ def read_idx_images(path: str | Path, limit: int | None = None) -> np.ndarray:
     if len(data) < n * h * w:
         raise ValueError(f"{path}: truncated IDX file ({len(data)} bytes for {n} images of {h}x{w})")
     return np.frombuffer(data, np.uint8).reshape(n, h, w).copy()
+
+
+# Images above this many pixels are refused from their header, before decoding (a 10000x10000 RGB image
+# would take ~3 GB of RAM in float); JPEGs are first decoded at a reduced scale (PIL's draft mode).
+MAX_IMAGE_PIXELS = int(os.environ.get("REVQ_MAX_IMAGE_PIXELS", str(64 * 2**20)))
+
+
+def open_image_capped(fp, size: int | None = None, max_pixels: int | None = None):
+    """``PIL.Image.open(fp)``, fully loaded, with a pixel cap. With ``size`` a JPEG is decoded at the
+    smallest DCT scale that keeps both sides >= ``size`` (draft mode). An image still above ``max_pixels``
+    (default ``MAX_IMAGE_PIXELS``, env ``REVQ_MAX_IMAGE_PIXELS``) raises ``ValueError`` before decoding."""
+    import PIL.Image
+
+    cap = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    img = PIL.Image.open(fp)
+    try:
+        if size and img.format == "JPEG":
+            img.draft("RGB", (size, size))
+        w, h = img.size
+        if w * h > cap:
+            raise ValueError(
+                f"image of {w}x{h} = {w * h / 1e6:.0f} MP is over the cap of {cap / 1e6:.0f} MP: not decoded "
+                "(raise REVQ_MAX_IMAGE_PIXELS to allow it)"
+            )
+        img.load()  # force the full decode here: truncated files fail now, not later
+    except BaseException:
+        img.close()
+        raise
+    return img
 
 
 def to_vae_input(image, size: int) -> torch.Tensor:

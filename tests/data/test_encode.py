@@ -125,9 +125,16 @@ def test_resume_keeps_finished_shards(ray_local, image_vae, image_dir, tmp_path)
     assert m.count == first.manifest.count and m.shards == first.manifest.shards
     torch.testing.assert_close(m.running_stats().mean, first.manifest.running_stats().mean)
     assert len(m.skipped) == 1
-    # A different setting (dtype) changes every shard's plan: nothing is wrongly kept.
+    # A different setting (dtype) changes every shard's plan: that is another encode, refused before anything
+    # is written; with overwrite nothing is wrongly kept.
+    with pytest.raises(ValueError, match="holds shards of another encode.*--overwrite"):
+        encode_to_shards(str(image_dir), image_vae, str(out), shard_size=6, dtype="float16", progress=False)
+    assert (
+        read_manifest(out).dtype == "float32"
+        and (out / "shard-000000.tar").stat().st_mtime_ns == mtimes["shard-000000.tar"]
+    )
     third = encode_to_shards(
-        str(image_dir), image_vae, str(out), shard_size=6, dtype="float16", progress=False
+        str(image_dir), image_vae, str(out), shard_size=6, dtype="float16", progress=False, overwrite=True
     )
     assert third.shards_kept == 0 and read_manifest(out).dtype == "float16"
 

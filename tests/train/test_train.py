@@ -8,6 +8,7 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -120,6 +121,14 @@ def test_rerun_with_same_name_resumes(ray_local, latent_shards, tmp_path):
 
     model = ReVQModel.from_pretrained(str(run_dir / "export" / "latest"))
     assert model.quantizer.codebook.dtype == torch.float32
+    # the same name under other settings is another run: refused before any worker starts, keys named
+    from revq_ray.train import build_trainer
+
+    other = make_cfg(
+        latent_shards, tmp_path, "resume", **{**bf16, "train.max_steps": 3 * k, "train.lr": 0.02}
+    )
+    with pytest.raises(ConfigError, match=r"run resume already exists in .* other settings: train.lr"):
+        build_trainer(other)
 
 
 def test_gq_without_logvar_is_a_clear_error(ray_local, latent_shards, tmp_path):
@@ -128,3 +137,92 @@ def test_gq_without_logvar_is_a_clear_error(ray_local, latent_shards, tmp_path):
     cfg = make_cfg(latent_shards, tmp_path, "gq", **{"model.quantizer.type": "gq"})
     with pytest.raises(ConfigError, match="has_logvar"):
         build_trainer(cfg)
+
+
+def test_non_finite_training_stops_naming_the_step_and_exports_nothing_non_finite(
+    ray_local, tmp_path, capsys
+):
+    """Finite but absurd latents (1e30; the manifest's statistics describe normal-scale latents, as when
+    shards were replaced after the manifest was written) pass the reader and make the loss non-finite: the
+    run must fail naming the step, and no export may hold non-finite weights."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from revq_ray.core.stats import RunningStats
+    from revq_ray.data.shards import ShardWriter
+    from revq_ray.data.synthetic import synthetic_latents
+    from revq_ray.train.driver import main
+
+    from .conftest import ROOT
+
+    shards = tmp_path / "huge"
+    z, lv = synthetic_latents(512, (16, 8, 8), seed=0)
+    with ShardWriter(shards, shard_size=256) as w:
+        w.write_batch([f"{i:05d}" for i in range(512)], z * np.float32(1e30), lv)
+    manifest = w.manifest(vae="synthetic")
+    manifest.stats = RunningStats((16, 8, 8)).update(torch.from_numpy(z)).state_dict()
+    manifest.save(shards)
+    sets = [f"data.shards={shards}", f"output_dir={tmp_path}", "name=nanrun", "train.max_failures=0"]
+    sets += ["data.val_items=64", "train.cpus_per_worker=0.5"]
+    argv = ["--config", str(ROOT / "configs" / "debug.yaml")]
+    for kv in sets:
+        argv += ["--set", kv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"error: .*non-finite loss .* training stopped at step \d+", err), err[-3000:]
+    for f in (tmp_path / "nanrun" / "export").glob("*/model.safetensors"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(f)).values()), f
+
+
+@pytest.mark.extended
+def test_sigkill_of_a_non_zero_rank_repeats_and_loses_no_step(ray_local, latent_shards, tmp_path):
+    """Kill rank 1 of a 2-worker group from outside (SIGKILL, mid-run, not at a step boundary of our
+    choosing): the group restarts from the last checkpoint, and the append-only step log shows every planned
+    step committed exactly once (the rolled-back ones visibly redone), in agreement with metrics.csv."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from revq_ray.train.logs import STEPS_FILE, committed_steps, read_step_log
+
+    cfg = make_cfg(
+        latent_shards,
+        tmp_path,
+        "kill",
+        **{"train.num_workers": 2, "train.epochs": 6, "train.checkpoint_every": 3, "train.max_failures": 1},
+    )
+    run_dir = tmp_path / "kill"
+    killed: dict[str, int] = {}
+
+    def killer() -> None:
+        deadline, ckpt_seen = time.time() + 600, 0.0
+        while time.time() < deadline and not killed:
+            try:
+                done = [s for _, steps in read_step_log(run_dir / STEPS_FILE) for s in steps]
+                workers = json.loads((run_dir / "workers.json").read_text())
+            except (OSError, ValueError):
+                done, workers = [], []
+            if not ckpt_seen and list(run_dir.glob("checkpoint_*")):
+                ckpt_seen = time.time()
+            # a little after the first checkpoint is stored, so that Ray Train has registered it
+            if ckpt_seen and time.time() - ckpt_seen > 2.5 and done:
+                pid = next(w["pid"] for w in workers if w["rank"] == 1)
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, at=max(done))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result = _run(cfg)
+    t.join(timeout=5)
+    assert killed, "the worker was never killed: the test would not test a failure"
+    attempts = read_step_log(run_dir / STEPS_FILE)
+    total = result.metrics["step"]
+    assert len(attempts) == 2, attempts
+    (s0, first), (s1, second) = attempts
+    assert s0 == 0 and s1 % 3 == 0 and 0 < s1 <= max(first), (s1, first)  # resumed at a checkpoint
+    assert second == list(range(s1 + 1, total + 1))
+    assert committed_steps(attempts) == list(range(1, total + 1))  # every step committed exactly once
+    assert [int(r["step"]) for r in read_metrics(run_dir)] == list(range(1, total + 1))
