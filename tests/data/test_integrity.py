@@ -81,7 +81,7 @@ def test_damaged_shard_of_the_same_size_is_skipped_whole_by_eval(tmp_path):
 def test_synthetic_data_never_overwrites_existing_files(tmp_path):
     from revq_ray.config import load_config
     from revq_ray.data.synthetic import write_synthetic_shards
-    from revq_ray.train.driver import _ensure_shards
+    from revq_ray.train.plan import ensure_shards
 
     real = tmp_path / "shards"
     _write(real)
@@ -89,7 +89,7 @@ def test_synthetic_data_never_overwrites_existing_files(tmp_path):
     before = (real / "shard-000000.tar").read_bytes()
     cfg = load_config(ROOT / "configs" / "debug.yaml", [f"data.shards={real}"])
     with pytest.raises(ValueError, match=r"not empty \(shard-000000.tar.*missing or empty directory"):
-        _ensure_shards(cfg)
+        ensure_shards(cfg)
     assert (real / "shard-000000.tar").read_bytes() == before and not (real / "manifest.json").exists()
     write_synthetic_shards(tmp_path / "fresh", 8, (4, 2, 2))  # a missing directory is fine
     (tmp_path / "empty").mkdir()
