@@ -229,6 +229,7 @@ class Tokenizer:
         vae_obj = load_vae_for(spec, model.latent_shape, device, cfg.get("image_size"))
         tok = cls(vae_obj, model, spec)
         tok.vae_spec = cfg["vae"] if vae is None else vae
+        tok.image_resize = cfg.get("image_resize", "stretch")
         tok._bundle_dir = path
         return tok
 
@@ -277,6 +278,7 @@ class Tokenizer:
             "input_shape": list(self.vae.input_shape),
             "latent_shape": list(self.model.latent_shape),
             "image_size": int(self.vae.input_shape[-1]) if self.modality == "image" else None,
+            "image_resize": getattr(self, "image_resize", "stretch"),
             "sample_rate": self.sample_rate,
             "tokens": self.tokens,
             "codebook_size": self.codebook_size,
@@ -341,7 +343,8 @@ class Tokenizer:
             from revq_ray.vae.images import to_vae_input
 
             size = int(self.vae.input_shape[-1])
-            return torch.stack([to_vae_input(img, size) for img in _as_image_list(inputs)])
+            resize = getattr(self, "image_resize", "stretch")  # "center_crop" in imported published models
+            return torch.stack([to_vae_input(img, size, resize) for img in _as_image_list(inputs)])
         return self._preprocess_audio(inputs, sample_rate)
 
     def _preprocess_audio(self, inputs: Any, sample_rate: int | None) -> torch.Tensor:

@@ -148,9 +148,9 @@ def _decode_items(fs: Any, items: list[SourceItem], settings: dict[str, Any]) ->
                 lo, arr = idx_cache[it.uri]
                 from revq_ray.vae.images import to_vae_input
 
-                xs = [to_vae_input(arr[member - lo], shape[-1]).numpy()]
+                xs = [to_vae_input(arr[member - lo], shape[-1], settings.get("resize", "stretch")).numpy()]
             elif prep is None:
-                xs = [decode_image(data, shape[-1]).numpy()]
+                xs = [decode_image(data, shape[-1], settings.get("resize", "stretch")).numpy()]
             else:
                 xs = list(prep(decode_audio(data, settings["sample_rate"])))
             yield xs, ""
@@ -316,6 +316,7 @@ def encode_to_shards(
     *,
     limit: int | None = None,
     image_size: int | None = None,
+    resize: str = "stretch",
     audio_seconds: float | None = None,
     shard_size: int = 1024,
     batch_size: int = 64,
@@ -336,6 +337,8 @@ def encode_to_shards(
         output: shard directory (local or URI); re-running with the same arguments resumes.
         limit: encode only the first ``limit`` items (sorted order).
         image_size: image VAEs: square input size (inputs are resized to it); default the VAE's.
+        resize: image VAEs: ``stretch`` non-square images to the square, or ``center_crop`` them (the
+            shorter side to ``image_size``, then the central square, as ImageNet tokenizers are fed).
         audio_seconds: audio VAEs: crop length in seconds; default the VAE's own input length.
         shard_size: input items per shard (images: latents per shard, minus skipped ones; audio: each
             clip gives one latent per crop).
@@ -374,6 +377,8 @@ def encode_to_shards(
     if want_logvar and not probe.is_gaussian:
         raise ValueError(f"--logvar: {vae_spec} is not a Gaussian VAE (no posterior); use --no-logvar")
     settings = encode_settings(probe)
+    if settings["modality"] == "image" and resize != "stretch":  # part of the fingerprint: resume tells apart
+        settings["resize"] = resize
     latent_shape = list(probe.latent_shape)
     del probe
 

@@ -199,15 +199,16 @@ def list_sources(
 
 
 # --------------------------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, size: int):
-    """Encoded image bytes -> float (3, size, size) in [0, 1] (gray replicated, alpha dropped)."""
+def decode_image(data: bytes, size: int, resize: str = "stretch"):
+    """Encoded image bytes -> float (3, size, size) in [0, 1] (gray replicated, alpha dropped); ``resize``:
+    ``stretch`` or ``center_crop`` (see :func:`revq_ray.vae.images.resize_square`)."""
     import PIL.Image
 
     from revq_ray.vae.images import to_vae_input
 
     with PIL.Image.open(io.BytesIO(data)) as img:
         img.load()  # force the full decode here: truncated files fail now, not later
-        return to_vae_input(img, size)
+        return to_vae_input(img, size, resize)
 
 
 def decode_audio(data: bytes, target_sr: int):
