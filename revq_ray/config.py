@@ -126,8 +126,9 @@ class ModelConfig(Section):
     init_from: str = Field(
         "",
         description="fine-tune: start from this saved model (a save_pretrained / import-revq directory, a "
-        "Tokenizer bundle or a hub repo id) instead of a sampled codebook init; its standardizer, codebook "
-        "and rectifier are loaded, so the quantizer and rectifier settings above must match its shapes",
+        "Tokenizer bundle, or a hub repo id owner/name; write ./dir for a local dir) instead of a sampled "
+        "codebook init; its standardizer, codebook and rectifier are loaded, so the quantizer and rectifier "
+        "settings above must match its shapes",
     )
 
     @field_validator("init_from")

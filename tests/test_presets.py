@@ -118,7 +118,7 @@ def test_published_presets_build_the_imported_models(name):
         imported["rectifier"]["type"], width, depth, imported["rectifier"]["head_dim"],
     )  # fmt: skip
     assert imported["quantizer"] == {"type": "revq", "tokens": g, "codebook_size": k}
-    assert m.init_from.endswith(f"models/revq-{name.replace('_', '-')}") and cfg.vae == SANA
+    assert m.init_from.endswith(f"/models/revq-{name.replace('_', '-')}") and cfg.vae == SANA
     assert "--resize center_crop" in path.read_text() and "--image-size 256" in path.read_text()
     # The from-scratch presets of the same shapes use the authors' VAE and preprocessing too.
     scratch = ROOT / "configs" / f"imagenet_{name}.yaml"

@@ -32,7 +32,13 @@ def resolve_init_dir(source: str) -> Path:
         from huggingface_hub import snapshot_download
 
         patterns = ["config.json", "model.safetensors", "model/config.json", "model/model.safetensors"]
-        path = Path(snapshot_download(repo_id=source, allow_patterns=patterns))
+        try:
+            path = Path(snapshot_download(repo_id=source, allow_patterns=patterns))
+        except Exception as err:  # noqa: BLE001 - offline, unknown repo, auth
+            raise FileNotFoundError(
+                f"model.init_from={source}: no such local directory, and not fetchable as a hub repo id "
+                f"({type(err).__name__}); write ./{source} for a local path"
+            ) from None
     try:
         return resolve_model_dir(path)
     except FileNotFoundError as err:

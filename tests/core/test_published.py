@@ -295,3 +295,63 @@ def test_import_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     (tmp_path / "pub" / "stats.safetensors").unlink()
     assert cli(["import-revq", str(tmp_path / "pub"), "--output", str(tmp_path / "o")]) == 2
     assert "--stats" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- dcae + init_from
+def _dcae_model(k: int = 8, latent=(32, 4, 4)):
+    from revq_ray.core.model import ReVQModel
+
+    cfg = {
+        "quantizer": {"tokens": 128, "codebook_size": k},
+        "rectifier": {"type": "dcae", "width": 32, "depth": 1, "head_dim": 16},
+    }
+    return ReVQModel(list(latent), cfg)
+
+
+@pytest.mark.parametrize("latent", [(32, 4, 4), (32, 16)], ids=["image", "audio"])
+def test_dcae_rectifier_trains_like_the_others(latent):
+    torch.manual_seed(0)
+    model = _dcae_model(latent=latent).train()
+    z = torch.randn(16, *latent)
+    model.init_codebook(z)
+    assert model.param_groups()["rectifier"]  # the trainer gives it its own lr / clip group
+    opt = torch.optim.Adam(model.param_groups()["rectifier"], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model(z)
+        opt.zero_grad()
+        out.losses["rect"].backward()
+        opt.step()
+        losses.append(out.losses["rect"].item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_dcae_config_errors():
+    from revq_ray.config import ConfigError, RectifierConfig, parse_config
+    from revq_ray.core.rectifiers_published import DCAERectifier
+
+    with pytest.raises(ConfigError, match="expand_ratio"):
+        parse_config({"type": "dcae", "expand_ratio": 2.0}, RectifierConfig)
+    with pytest.raises(ValueError, match=r"rectifier.width=48 must be a multiple of the latent channels 32"):
+        DCAERectifier(32, 48, 1, 16)
+
+
+def test_init_from_paths_and_shape_errors(tmp_path, monkeypatch):
+    from revq_ray.config import ModelConfig
+    from revq_ray.published import load_init_weights
+
+    monkeypatch.chdir(tmp_path)
+    assert ModelConfig(init_from="./models/x").init_from == str(tmp_path / "models" / "x")
+    assert ModelConfig(init_from="AndyRaoTHU/revq-512T").init_from == "AndyRaoTHU/revq-512T"  # a hub id
+    (tmp_path / "models" / "x").mkdir(parents=True)  # "owner/name" that exists locally is the directory
+    assert ModelConfig(init_from="models/x").init_from == str(tmp_path / "models" / "x")
+    _dcae_model(k=8).save_pretrained(str(tmp_path / "saved"))
+    target = _dcae_model(k=16)
+    with pytest.raises(
+        PublishedFormatError, match=r"quantizer.codebook has shape \(128, 8, 4\), expected \(128, 16, 4\)"
+    ):
+        load_init_weights(target, str(tmp_path / "saved"))
+    same = _dcae_model(k=8)
+    load_init_weights(same, str(tmp_path / "saved"), log=lambda msg: None)
+    saved = type(same).from_pretrained(str(tmp_path / "saved")).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in same.state_dict().items())
