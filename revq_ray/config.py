@@ -94,7 +94,7 @@ class RectifierConfig(Section):
 
     vit: EfficientViT blocks as in ReVQ (512T: width 512, depth 3, about 14 M parameters); cnn: DC-AE residual
     conv blocks; mlp: per-position 1x1 MLP blocks; identity: no rectifier; dcae: the ReVQ authors' decoder key
-    for key (revq_ray/core/rectifiers_published.py; what ``revq-ray import-revq`` builds; needs diffusers).
+    for key (revq_ray/core/rectifiers_published.py; what ``revq-ray import-revq`` builds).
     """
 
     type: Literal["vit", "cnn", "mlp", "identity", "dcae"] = "vit"
