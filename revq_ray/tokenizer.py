@@ -105,6 +105,14 @@ def vae_spec_from_run(model_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def image_resize_of(path: str | os.PathLike) -> str:
+    """How a bundle fits non-square images to the VAE's square: its ``image_resize``, else ``stretch``."""
+    cfg_file = Path(path).expanduser() / CONFIG_NAME
+    if not cfg_file.is_file():
+        return "stretch"
+    return str(json.loads(cfg_file.read_text()).get("image_resize") or "stretch")
+
+
 def _spec_kind_and_path(spec: str) -> tuple[str, str]:
     if ":" not in spec:
         raise ValueError(f"VAE spec {spec!r}: expected '<kind>:<path or id>' (diffusers:, taesd:, builtin:)")

@@ -57,3 +57,26 @@ def test_encoded_files_can_be_center_cropped():
     PIL.Image.fromarray(_banded(20, 50)).save(buf, format="PNG")
     x = decode_image(buf.getvalue(), 20, "center_crop")
     assert x.shape == (3, 20, 20) and torch.allclose(x, torch.full_like(x, 128 / 255), atol=1e-6)
+
+
+@pytest.mark.eval
+@pytest.mark.shared
+def test_tokenizer_bundle_keeps_its_resize_mode(shared_dir, tmp_path):
+    """A bundle saved with center_crop (as import-revq writes) crops when loaded again; others stretch."""
+    from revq_ray.core.model import ReVQModel
+    from revq_ray.tokenizer import Tokenizer, image_resize_of
+    from revq_ray.vae import load_vae
+
+    vae = load_vae(f"taesd:{shared_dir / 'models' / 'taef2'}", image_size=64)
+    model = ReVQModel(
+        [32, 8, 8], {"quantizer": {"tokens": 512, "codebook_size": 4}, "rectifier": {"type": "identity"}}
+    )
+    tok = Tokenizer(vae, model)
+    assert image_resize_of(tmp_path) == "stretch"
+    tok.image_resize = "center_crop"
+    tok.save_pretrained(tmp_path / "bundle")
+    again = Tokenizer.from_pretrained(tmp_path / "bundle")
+    assert again.image_resize == image_resize_of(tmp_path / "bundle") == "center_crop"
+    img = _banded(64, 160)
+    assert torch.equal(again.preprocess(img)[0], to_vae_input(img, 64, "center_crop"))
+    assert not torch.equal(Tokenizer(vae, model).preprocess(img)[0], again.preprocess(img)[0])
