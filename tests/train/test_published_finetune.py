@@ -62,6 +62,7 @@ def imported(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     return root / "bundle", raw
 
 
+@pytest.mark.slow  # Ray Train + DeepSpeed start-up: 72 s and 133 s measured on two shared cores
 def test_finetune_starts_from_the_imported_model(ray_local, latent_shards, tmp_path, imported):
     from revq_ray.train import run
 
