@@ -87,11 +87,12 @@ def check_init_from(run_model: Any, latent_shape: list[int] | tuple[int, ...]) -
     return model_dir
 
 
-def load_init_weights(model: Any, source: str | os.PathLike, log: Any = print) -> Path:
+def load_init_weights(model: Any, source: str | os.PathLike, log: Any = None) -> Path:
     """Load the saved model at ``source`` into ``model`` (a ReVQModel on the CPU); returns its directory.
 
     Every tensor (standardizer, codebook, counts, rectifier) must exist in both with the same shape; the
-    error names the key, both shapes and the config fields behind it.
+    error names the key, both shapes and the config fields behind it. ``log``: a one-argument callable for
+    the one-line summary (default: the ``revq_ray.published`` logger).
     """
     import safetensors.torch
 
@@ -109,8 +110,12 @@ def load_init_weights(model: Any, source: str | os.PathLike, log: Any = print) -
     )
     check_state(state, want, f"model.init_from={source}", hint)
     model.load_state_dict(state, strict=True)
+    if log is None:
+        from revq_ray.runtime import get_logger
+
+        log = get_logger("revq_ray.published").info
     log(
-        f"[revq_ray.train] init from {model_dir}: standardizer, codebook "
+        f"init from {model_dir}: standardizer, codebook "
         f"({model.tokens} x {model.codebook_size}) and {model.cfg.rectifier.type} rectifier loaded "
         "(no sampled codebook init)"
     )

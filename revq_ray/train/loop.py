@@ -138,7 +138,7 @@ def build_model(cfg: RunConfig, plan: RunPlan, init_tokens_ntd: torch.Tensor | N
     if cfg.model.init_from and init_tokens_ntd is not None:  # fine-tune: every tensor from the saved model
         from revq_ray.published import load_init_weights
 
-        load_init_weights(model, cfg.model.init_from, log=print)
+        load_init_weights(model, cfg.model.init_from, log=_log)
     elif init_tokens_ntd is not None:
         t0 = time.perf_counter()
         z = model.layout.to_latent(init_tokens_ntd.to(model.standardizer.mean.dtype))

@@ -129,6 +129,9 @@ _PLAIN_SCRIPT = textwrap.dedent(
         rect = Rectifier(4, 16, blocks, kernel=kernel, spatial_dims=2)
         x = torch.randn(2, 4, 6, 6)
         assert rect(x).shape == x.shape
+    from revq_ray.core.rectifiers_published import DCAERectifier
+
+    assert DCAERectifier(4, 16, 1, 8)(x).shape == x.shape  # the published models' rectifier
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not leaked, leaked
     print("PLAIN-CORE-OK")
