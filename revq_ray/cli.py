@@ -7,6 +7,7 @@
     revq-ray eval ...       (python -m revq_ray.eval)
     revq-ray compare ...    (python -m revq_ray.compare)
     revq-ray vae ...        (python -m revq_ray.vae)
+    revq-ray import-revq / export-revq ...  (revq_ray.published: the authors' published checkpoints)
 
 Subcommand modules are imported only when chosen, so ``revq-ray --help`` is instant and a missing optional
 dependency of one subcommand never breaks the others.
@@ -30,6 +31,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("metrics and a report for a trained model", "revq_ray.eval"),
     "compare": ("ReVQ vs SimVQ vs GQ vs VQ (+ ablations) at equal bits", "revq_ray.compare"),
     "vae": ("train / inspect the built-in Gaussian VAEs", "revq_ray.vae.__main__"),
+    "import-revq": (
+        "the ReVQ authors' published tokenizers -> a Tokenizer bundle",
+        "revq_ray.published.import_revq",
+    ),
+    "export-revq": ("a revq-ray model -> the authors' ckpt.pth + yaml", "revq_ray.published.export_revq"),
 }
 
 

@@ -93,10 +93,11 @@ class RectifierConfig(Section):
     """The post-quantization rectifier (revq_ray/core/rectifiers.py); it starts as the identity.
 
     vit: EfficientViT blocks as in ReVQ (512T: width 512, depth 3, about 14 M parameters); cnn: DC-AE residual
-    conv blocks; mlp: per-position 1x1 MLP blocks; identity: no rectifier.
+    conv blocks; mlp: per-position 1x1 MLP blocks; identity: no rectifier; dcae: the ReVQ authors' decoder key
+    for key (revq_ray/core/rectifiers_published.py; what ``revq-ray import-revq`` builds).
     """
 
-    type: Literal["vit", "cnn", "mlp", "identity"] = "vit"
+    type: Literal["vit", "cnn", "mlp", "identity", "dcae"] = "vit"
     width: int = Field(512, ge=1, description="channels inside the rectifier (W)")
     depth: int = Field(3, ge=0, description="number of blocks (L); 0 = stem and head only")
     head_dim: int = Field(32, ge=1, description="vit: attention head dimension")
@@ -104,10 +105,15 @@ class RectifierConfig(Section):
 
     @model_validator(mode="after")
     def _vit_heads(self) -> RectifierConfig:
-        if self.type == "vit" and self.width % self.head_dim:
+        if self.type in ("vit", "dcae") and self.width % self.head_dim:
             raise ValueError(
                 f"rectifier.width={self.width} must be a multiple of rectifier.head_dim={self.head_dim} "
-                "for vit (the attention heads split the width)"
+                f"for {self.type} (the attention heads split the width)"
+            )
+        if self.type == "dcae" and self.expand_ratio != 4.0:
+            raise ValueError(
+                f"rectifier.expand_ratio={self.expand_ratio}: type=dcae uses diffusers' EfficientViTBlock, "
+                "whose feed-forward expands by 4; leave expand_ratio at 4"
             )
         return self
 
@@ -117,6 +123,25 @@ class ModelConfig(Section):
 
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
     rectifier: RectifierConfig = Field(default_factory=RectifierConfig)
+    init_from: str = Field(
+        "",
+        description="fine-tune: start from this saved model (a save_pretrained / import-revq directory, a "
+        "Tokenizer bundle, or a hub repo id owner/name; write ./dir for a local dir) instead of a sampled "
+        "codebook init; its standardizer, codebook and rectifier are loaded, so the quantizer and rectifier "
+        "settings above must match its shapes",
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_is_absolute(cls, v: str) -> str:
+        # Local paths become absolute (Ray workers do not share the driver's working directory); a hub repo
+        # id ("owner/name", not an existing path) stays as it is. Existence and shapes are checked when the
+        # run is planned (revq_ray.published.check_init_from), not here: a saved model keeps this field.
+        v = v.strip()
+        if not v or v.startswith("/"):
+            return v
+        is_hub_id = v.count("/") == 1 and not v.startswith((".", "~")) and not Path(v).expanduser().exists()
+        return v if is_hub_id else str(Path(v).expanduser().resolve())
 
 
 # --------------------------------------------------------------------------------------------- data

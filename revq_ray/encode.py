@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, default=None, help="image VAEs: resize inputs to SxS (default: VAE's)"
     )
     p.add_argument(
+        "--resize",
+        choices=["stretch", "center_crop"],
+        default="stretch",
+        help="image VAEs: non-square images are stretched to SxS, or center-cropped (shorter side to S, then "
+        "the central SxS; how ImageNet is fed to the published ReVQ models)",
+    )
+    p.add_argument(
         "--audio-seconds", type=float, default=None, help="audio VAEs: crop length (default: VAE's)"
     )
     p.add_argument("--shard-size", type=int, default=1024, help="input items per shard")
@@ -89,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.output,
             limit=args.limit,
             image_size=args.image_size,
+            resize=args.resize,
             audio_seconds=args.audio_seconds,
             shard_size=args.shard_size,
             batch_size=args.batch_size,

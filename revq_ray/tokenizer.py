@@ -105,6 +105,14 @@ def vae_spec_from_run(model_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def image_resize_of(path: str | os.PathLike) -> str:
+    """How a bundle fits non-square images to the VAE's square: its ``image_resize``, else ``stretch``."""
+    cfg_file = Path(path).expanduser() / CONFIG_NAME
+    if not cfg_file.is_file():
+        return "stretch"
+    return str(json.loads(cfg_file.read_text()).get("image_resize") or "stretch")
+
+
 def _spec_kind_and_path(spec: str) -> tuple[str, str]:
     if ":" not in spec:
         raise ValueError(f"VAE spec {spec!r}: expected '<kind>:<path or id>' (diffusers:, taesd:, builtin:)")
@@ -229,6 +237,7 @@ class Tokenizer:
         vae_obj = load_vae_for(spec, model.latent_shape, device, cfg.get("image_size"))
         tok = cls(vae_obj, model, spec)
         tok.vae_spec = cfg["vae"] if vae is None else vae
+        tok.image_resize = cfg.get("image_resize", "stretch")
         tok._bundle_dir = path
         return tok
 
@@ -277,6 +286,7 @@ class Tokenizer:
             "input_shape": list(self.vae.input_shape),
             "latent_shape": list(self.model.latent_shape),
             "image_size": int(self.vae.input_shape[-1]) if self.modality == "image" else None,
+            "image_resize": getattr(self, "image_resize", "stretch"),
             "sample_rate": self.sample_rate,
             "tokens": self.tokens,
             "codebook_size": self.codebook_size,
@@ -341,7 +351,8 @@ class Tokenizer:
             from revq_ray.vae.images import to_vae_input
 
             size = int(self.vae.input_shape[-1])
-            return torch.stack([to_vae_input(img, size) for img in _as_image_list(inputs)])
+            resize = getattr(self, "image_resize", "stretch")  # "center_crop" in imported published models
+            return torch.stack([to_vae_input(img, size, resize) for img in _as_image_list(inputs)])
         return self._preprocess_audio(inputs, sample_rate)
 
     def _preprocess_audio(self, inputs: Any, sample_rate: int | None) -> torch.Tensor:

@@ -27,6 +27,7 @@ def _load(path: Path):
 def test_there_are_presets():
     names = {p.name for p in PRESETS}
     assert {"debug.yaml", "imagenet_512T.yaml", "imagenet_256T_B.yaml", "imagenet_256T_L.yaml"} <= names
+    assert {"published_512T.yaml", "published_256T_B.yaml", "published_256T_L.yaml"} <= names
     assert "audio_speech.yaml" in names
 
 
@@ -85,3 +86,40 @@ def test_audio_preset_fits_the_mel_vae_latent():
     vae = load_config(ROOT / "configs" / "vae_speech.yaml", cls=VAETrainConfig)
     frames = round(vae.crop_seconds * vae.sample_rate / vae.hop)  # about 128 frames, latent frames / 4
     TokenLayout([vae.latent_channels, frames // 4], cfg.model.quantizer.tokens)
+
+
+# The authors' yaml of each published model (../shared/docs/PUBLISHED_REVQ_FORMAT.md): num_code, num_group,
+# block_out_channels, layers_per_block.
+AUTHORS = {"512T": (16384, 512, 512, 3), "256T_B": (65536, 256, 1024, 4), "256T_L": (262144, 256, 512, 4)}
+SANA = "diffusers:mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
+
+
+@pytest.mark.parametrize("name", sorted(AUTHORS))
+def test_published_presets_build_the_imported_models(name):
+    """configs/published_*.yaml fine-tune an import-revq output: same shapes, the authors' VAE and crop."""
+    from revq_ray.published import spec_from_yaml_dict
+
+    k, g, width, depth = AUTHORS[name]
+    authors = {
+        "model": {
+            "input_data_size": [32, 8, 8],
+            "quantizer": {"TYPE": "vq", "num_code": k, "num_group": g, "tokens_per_data": g},
+            "decoder": {"TYPE": "dc_ae", "in_channels": 32, "latent_channels": 32, "attention_head_dim": 32,
+                        "block_type": ["EfficientViTBlock"], "block_out_channels": [width],
+                        "layers_per_block": [depth], "qkv_multiscales": [[5]], "norm_type": "rms_norm"},
+        }
+    }  # fmt: skip
+    imported = spec_from_yaml_dict(authors).model_config()
+    path = ROOT / "configs" / f"published_{name}.yaml"
+    cfg: RunConfig = load_config(path)
+    m = cfg.model
+    assert (m.quantizer.type, m.quantizer.tokens, m.quantizer.codebook_size) == ("revq", g, k)
+    assert (m.rectifier.type, m.rectifier.width, m.rectifier.depth, m.rectifier.head_dim) == (
+        imported["rectifier"]["type"], width, depth, imported["rectifier"]["head_dim"],
+    )  # fmt: skip
+    assert imported["quantizer"] == {"type": "revq", "tokens": g, "codebook_size": k}
+    assert m.init_from.endswith(f"/models/revq-{name.replace('_', '-')}") and cfg.vae == SANA
+    assert "--resize center_crop" in path.read_text() and "--image-size 256" in path.read_text()
+    # The from-scratch presets of the same shapes use the authors' VAE and preprocessing too.
+    scratch = ROOT / "configs" / f"imagenet_{name}.yaml"
+    assert load_config(scratch).vae == SANA and "--resize center_crop" in scratch.read_text()

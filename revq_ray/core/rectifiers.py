@@ -277,7 +277,11 @@ def build_rectifier(cfg: RectifierConfig, channels: int, spatial_dims: int = 2) 
     if cfg.type == "mlp":
         blocks = [MLPBlock(w, cfg.expand_ratio, spatial_dims) for _ in range(d)]
         return Rectifier(channels, w, blocks, kernel=1, spatial_dims=spatial_dims)
-    raise ValueError(f"rectifier.type={cfg.type!r}: expected one of vit, cnn, mlp, identity")
+    if cfg.type == "dcae":  # the ReVQ authors' decoder, key for key
+        from revq_ray.core.rectifiers_published import DCAERectifier
+
+        return DCAERectifier(channels, w, d, cfg.head_dim, spatial_dims=spatial_dims)
+    raise ValueError(f"rectifier.type={cfg.type!r}: expected one of vit, cnn, mlp, identity, dcae")
 
 
 def vit_param_count(

@@ -50,6 +50,7 @@ from revq_ray.data.sources import (
     read_item_bytes,
 )
 from revq_ray.runtime import get_logger, init_ray
+from revq_ray.vae.images import RESIZE_MODES
 
 MIN_CROP_FRACTION = 0.25
 SHORT_CLIP_FRACTION = 0.5  # a clip shorter than this fraction of one crop is mostly padding: flagged
@@ -173,9 +174,13 @@ def _decode_items(
             if it.kind == "idx":
                 from revq_ray.vae.images import to_vae_input
 
-                xs = [to_vae_input(_idx_image(fs, it, items, idx_cache), shape[-1]).numpy()]
+                xs = [
+                    to_vae_input(
+                        _idx_image(fs, it, items, idx_cache), shape[-1], settings.get("resize", "stretch")
+                    ).numpy()
+                ]
             elif prep is None:
-                xs = [decode_image(data, shape[-1]).numpy()]
+                xs = [decode_image(data, shape[-1], settings.get("resize", "stretch")).numpy()]
             else:
                 wave = decode_audio(data, settings["sample_rate"])
                 note = _short_clip_note(int(wave.shape[0]), settings)
@@ -526,6 +531,7 @@ def encode_to_shards(
     *,
     limit: int | None = None,
     image_size: int | None = None,
+    resize: str = "stretch",
     audio_seconds: float | None = None,
     shard_size: int = 1024,
     batch_size: int = 64,
@@ -547,6 +553,8 @@ def encode_to_shards(
         output: shard directory (local or URI); re-running with the same arguments resumes.
         limit: encode only the first ``limit`` items (sorted order).
         image_size: image VAEs: square input size (inputs are resized to it); default the VAE's.
+        resize: image VAEs: ``stretch`` non-square images to the square, or ``center_crop`` them (the
+            shorter side to ``image_size``, then the central square, as ImageNet tokenizers are fed).
         audio_seconds: audio VAEs: crop length in seconds; default the VAE's own input length.
         shard_size: input items per shard (images: latents per shard, minus skipped ones; audio: each
             clip gives one latent per crop).
@@ -561,7 +569,11 @@ def encode_to_shards(
     """
     t0 = time.time()
     device = _check_args_and_start(shard_size, batch_size, num_actors, dtype, device)
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: choose one of {RESIZE_MODES}")
     probe = _probe_vae(vae_spec, image_size, audio_seconds, logvar)
+    if probe.settings["modality"] == "image" and resize != "stretch":  # part of the fingerprint: resume tells
+        probe.settings["resize"] = resize  # the modes apart
     in_fs, in_root, items, list_skipped = list_sources(input_path, probe.settings["modality"], limit=limit)
     keys = [item_key(i, it, in_root) for i, it in enumerate(items)]
     out_fs, out_root = _fs.resolve(output, filesystem)

@@ -211,12 +211,13 @@ def list_sources(
 
 
 # --------------------------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, size: int):
-    """Encoded image bytes -> float (3, size, size) in [0, 1] (gray replicated, alpha dropped)."""
+def decode_image(data: bytes, size: int, resize: str = "stretch"):
+    """Encoded image bytes -> float (3, size, size) in [0, 1] (gray replicated, alpha dropped); ``resize``:
+    ``stretch`` or ``center_crop`` (see :func:`revq_ray.vae.images.resize_square`)."""
     from revq_ray.vae.images import open_image_capped, to_vae_input
 
     with open_image_capped(io.BytesIO(data), size) as img:  # pixel cap; JPEGs decoded at reduced scale
-        return to_vae_input(img, size)
+        return to_vae_input(img, size, resize)
 
 
 def decode_audio(data: bytes, target_sr: int):

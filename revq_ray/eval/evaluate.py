@@ -89,7 +89,7 @@ def evaluate(
     (None = all); ``run_dir`` overrides where training curves are read from.
     """
     from revq_ray.core.model import ReVQModel
-    from revq_ray.tokenizer import Tokenizer, load_vae_for, resolve_model_dir, run_dir_of
+    from revq_ray.tokenizer import Tokenizer, image_resize_of, load_vae_for, resolve_model_dir, run_dir_of
 
     t0 = time.perf_counter()
     dev = _pick_device(device)
@@ -110,6 +110,7 @@ def evaluate(
     if spec:
         try:
             tok = Tokenizer(load_vae_for(spec, net.latent_shape, dev), net, spec)
+            tok.image_resize = image_resize_of(model_path)  # e.g. center_crop for imported published models
             log(f"[eval] VAE {spec} (from {spec_from})")
         except Exception as err:
             if kind != "latents":

@@ -136,7 +136,11 @@ def build_model(cfg: RunConfig, plan: RunPlan, init_tokens_ntd: torch.Tensor | N
     torch.manual_seed(cfg.seed)
     model = ReVQModel.from_config(plan.latent_shape, cfg.model)
     model.standardizer.set_stats(RunningStats.from_state_dict(plan.stats))
-    if init_tokens_ntd is not None:
+    if cfg.model.init_from and init_tokens_ntd is not None:  # fine-tune: every tensor from the saved model
+        from revq_ray.published import load_init_weights
+
+        load_init_weights(model, cfg.model.init_from, log=_log)
+    elif init_tokens_ntd is not None:
         t0 = time.perf_counter()
         z = model.layout.to_latent(init_tokens_ntd.to(model.standardizer.mean.dtype))
         gen = torch.Generator().manual_seed(seed_for(cfg, 1, 0))

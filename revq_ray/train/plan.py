@@ -95,6 +95,10 @@ def _check_config(cfg: RunConfig, manifest: Any) -> None:
         raise ConfigError(
             f"data.shards={cfg.data.shards}: the manifest has no latent statistics to standardize with"
         )
+    if cfg.model.init_from:  # fine-tuning a saved model: its shapes must match, before any worker starts
+        from revq_ray.published import check_init_from
+
+        check_init_from(cfg.model, manifest.latent_shape)
 
 
 def _val_dataset(cfg: RunConfig, val_ds: Any) -> tuple[Any, int]:

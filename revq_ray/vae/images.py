@@ -68,12 +68,41 @@ def open_image_capped(fp, size: int | None = None, max_pixels: int | None = None
     return img
 
 
-def to_vae_input(image, size: int) -> torch.Tensor:
+RESIZE_MODES = ("stretch", "center_crop")
+
+
+def resize_square(x_bchw: torch.Tensor, size: int, resize: str = "stretch") -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size), bilinear (antialiased when shrinking).
+
+    ``stretch``: both sides to ``size`` (non-square images are distorted). ``center_crop``: the shorter side
+    to ``size`` keeping the aspect ratio, then the central ``size`` x ``size`` (torchvision's Resize(size) +
+    CenterCrop(size), which is how ImageNet tokenizers such as the published ReVQ models were fed).
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: choose one of {RESIZE_MODES}")
+    h, w = x_bchw.shape[-2:]
+    if resize == "center_crop" and h != w:
+        # Shorter side -> size, the longer one scaled and truncated as torchvision does.
+        th, tw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+        x_bchw = _bilinear(x_bchw, th, tw)
+        top, left = int(round((th - size) / 2.0)), int(round((tw - size) / 2.0))
+        return x_bchw[..., top : top + size, left : left + size]
+    return _bilinear(x_bchw, size, size)
+
+
+def _bilinear(x_bchw: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    if x_bchw.shape[-2:] == (th, tw):
+        return x_bchw
+    shrink = x_bchw.shape[-1] > tw or x_bchw.shape[-2] > th
+    return F.interpolate(x_bchw, size=(th, tw), mode="bilinear", align_corners=False, antialias=shrink)
+
+
+def to_vae_input(image, size: int, resize: str = "stretch") -> torch.Tensor:
     """One image -> float tensor (3, size, size) in [0, 1].
 
     Accepts a uint8 (or float in [0, 1]) array HxW (gray) or HxWx3 / HxWx4 (RGB[A]), a torch tensor of the
-    same layouts, or a PIL image. Gray is replicated to RGB, alpha dropped; bilinear resize (antialiased when
-    shrinking) to a square ``size``: non-square inputs are stretched, not cropped.
+    same layouts, or a PIL image. Gray is replicated to RGB, alpha dropped; resized to a square ``size`` by
+    :func:`resize_square` (``resize="stretch"``, the default, or ``"center_crop"``).
     """
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image without importing PIL here
         image = np.asarray(image.convert("RGB"))
@@ -89,22 +118,15 @@ def to_vae_input(image, size: int) -> torch.Tensor:
     else:
         x = torch.from_numpy(arr.astype(np.float32)).clamp(0.0, 1.0)
     x = x[None].expand(3, -1, -1) if x.dim() == 2 else x.permute(2, 0, 1)
-    if x.shape[-2:] != (size, size):
-        shrink = x.shape[-1] > size or x.shape[-2] > size
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)[
-            0
-        ]
+    x = resize_square(x[None], size, resize)[0]
     return x.clamp(0.0, 1.0).contiguous()
 
 
-def batch_to_vae_input(images_nhw: np.ndarray, size: int) -> torch.Tensor:
+def batch_to_vae_input(images_nhw: np.ndarray, size: int, resize: str = "stretch") -> torch.Tensor:
     """A uint8 batch (N, H, W) or (N, H, W, 3) -> (N, 3, size, size) in [0, 1], resized in one call."""
     x = torch.from_numpy(np.ascontiguousarray(images_nhw)).float() / 255.0
     x = x[:, None].expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    if x.shape[-2:] != (size, size):
-        shrink = x.shape[-1] > size or x.shape[-2] > size
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=shrink)
-    return x.clamp(0.0, 1.0).contiguous()
+    return resize_square(x, size, resize).clamp(0.0, 1.0).contiguous()
 
 
 def list_image_files(root: str | Path) -> list[Path]:

@@ -61,6 +61,10 @@ _SCRIPT = textwrap.dedent(
     assert ids.shape == (6, 16) and ids.dtype == torch.int64
     assert model.decode(ids).shape == z.shape
     assert revq_ray.ReVQModel is ReVQModel
+    # the published models' rectifier (type dcae) is pure PyTorch too
+    dcae = ModelConfig.model_validate({"quantizer": {"tokens": 16, "codebook_size": 8}, "rectifier":
+                                       {"type": "dcae", "width": 32, "depth": 1, "head_dim": 16}})
+    assert ReVQModel.from_config([4, 4, 4], dcae)(z).latents_rec.shape == z.shape
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not leaked, leaked
     print("BOUNDARY-OK")
@@ -125,6 +129,9 @@ _PLAIN_SCRIPT = textwrap.dedent(
         rect = Rectifier(4, 16, blocks, kernel=kernel, spatial_dims=2)
         x = torch.randn(2, 4, 6, 6)
         assert rect(x).shape == x.shape
+    from revq_ray.core.rectifiers_published import DCAERectifier
+
+    assert DCAERectifier(4, 16, 1, 8)(x).shape == x.shape  # the published models' rectifier
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     assert not leaked, leaked
     print("PLAIN-CORE-OK")
