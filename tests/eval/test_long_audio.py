@@ -149,3 +149,89 @@ def test_vocos_vocoder_from_a_local_directory(tmp_path):
     other.vocoder_override = spec
     with pytest.raises(ValueError, match="front end differs"):
         other.decode(other.encode(wave, sample_rate=SR))
+
+
+def test_tokenize_and_detokenize_an_image_folder(tmp_path, tiny_assets):
+    from PIL import Image
+
+    from revq_ray.cli import main as cli
+    from revq_ray.tokenize import read_tokens
+    from revq_ray.tokenizer import Tokenizer
+
+    tok = Tokenizer.build(tiny_assets["vae_spec"], tiny_assets["model_dir"])
+    tok.save_pretrained(tmp_path / "bundle")
+    src = tmp_path / "photos"
+    (src / "sub").mkdir(parents=True)
+    for i, img in enumerate(tiny_assets["images"][:6]):
+        Image.fromarray(img).save(src / ("sub" if i % 2 else "") / f"p{i}.png")
+    (src / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "tokens"
+    argv = ["--model", str(tmp_path / "bundle"), "--input", str(src), "--output", str(out)]
+    assert cli(["tokenize", *argv, "--ray", "never"]) == 0
+    manifest, items = read_tokens(out)
+    assert manifest["count"] == 6 and len(manifest["skipped"]) == 1 and "broken.png" in manifest["skipped"][0]
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["tokens"] == 4
+    for meta, ids in items:
+        assert ids.shape == (4,) and (out / meta["file"]).is_file()
+        with Image.open(src / meta["name"]) as im:
+            assert ids.tolist() == tok.encode(im.convert("RGB"))[0].tolist()
+    media = tmp_path / "media"
+    assert cli(["detokenize", "--input", str(out), "--output", str(media), "--ray", "never"]) == 0
+    pngs = sorted(p.relative_to(media).as_posix() for p in media.rglob("*.png"))
+    assert pngs == ["p0.png", "p2.png", "p4.png", "sub/p1.png", "sub/p3.png", "sub/p5.png"]
+    with Image.open(media / "p0.png") as im:
+        assert im.size == (16, 16)
+    assert (
+        cli(["tokenize", "--model", str(tmp_path / "nothing"), "--input", str(src), "--output", str(out)])
+        == 2
+    )
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_tokenize_audio_through_ray_data_into_shards_and_back(tmp_path, ray_local):
+    import soundfile as sf
+
+    from revq_ray.cli import main as cli
+    from revq_ray.tokenize import read_tokens
+
+    tok = make_tokenizer(tmp_path)
+    tok.save_pretrained(tmp_path / "bundle")
+    src = tmp_path / "speech"
+    src.mkdir()
+    lengths = {"a.wav": 4.3, "b.flac": 1.1, "c.wav": 2.0}
+    for name, seconds in lengths.items():
+        sf.write(str(src / name), real_speech(seconds).numpy(), SR)
+    (src / "d.wav").write_bytes(b"RIFF....garbage")
+    out = tmp_path / "tokens"
+    argv = ["--model", str(tmp_path / "bundle"), "--input", str(src), "--output", str(out)]
+    assert (
+        cli(
+            [
+                "tokenize",
+                *argv,
+                "--ray",
+                "always",
+                "--workers",
+                "1",
+                "--format",
+                "shards",
+                "--shard-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    manifest, items = read_tokens(out)
+    assert manifest["shards"] == ["tokens-000000.tar", "tokens-000001.tar"] and len(manifest["skipped"]) == 1
+    got = {meta["name"]: (meta, ids) for meta, ids in items}
+    assert sorted(got) == sorted(lengths)
+    for name, seconds in lengths.items():
+        meta, ids = got[name]
+        n = int(seconds * SR)
+        assert meta["length"] == n and ids.shape == (tok.num_windows(n), tok.tokens) == (meta["windows"], 16)
+    media = tmp_path / "media"
+    assert cli(["detokenize", "--input", str(out), "--output", str(media), "--ray", "never"]) == 0
+    for name, seconds in lengths.items():
+        info = sf.info(str(media / name.replace(".flac", ".wav")))
+        assert info.samplerate == SR and info.frames == int(seconds * SR)
