@@ -34,12 +34,12 @@ COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "tune": ("hyperparameter search over train (Ray Tune)", ("revq_ray.tune",)),
     "eval": ("metrics and a report for a trained model", ("revq_ray.eval", "revq_ray.eval.__main__")),
     "compare": ("ReVQ vs SimVQ vs GQ vs VQ (+ ablations) at equal bits", ("revq_ray.compare",)),
-    "tokenize": ("images / audio -> token ids (.npy or shards) + manifest", ("revq_ray.tokenize",)),
-    "detokenize": ("token ids from tokenize -> images / audio", ("revq_ray.detokenize",)),
     "vae": (
         "train / inspect the built-in Gaussian VAEs",
         ("revq_ray.vae.__main__", "revq_ray.vae.train", "revq_ray.vae"),
     ),
+    "tokenize": ("images / audio -> token ids (.npy or shards) + manifest", ("revq_ray.tokenize",)),
+    "detokenize": ("token ids from tokenize -> images / audio", ("revq_ray.detokenize",)),
 }
 
 

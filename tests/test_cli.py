@@ -14,7 +14,7 @@ from revq_ray import cli
 pytestmark = pytest.mark.eval
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["quickstart", "encode", "train", "tune", "eval", "compare", "vae"]
+SUBCOMMANDS = ["quickstart", "encode", "train", "tune", "eval", "compare", "vae", "tokenize", "detokenize"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

@@ -235,3 +235,36 @@ def test_tokenize_audio_through_ray_data_into_shards_and_back(tmp_path, ray_loca
     for name, seconds in lengths.items():
         info = sf.info(str(media / name.replace(".flac", ".wav")))
         assert info.samplerate == SR and info.frames == int(seconds * SR)
+
+
+def test_mel_vae_trained_for_vocos_takes_the_vocoders_front_end(tmp_path):
+    pytest.importorskip("vocos", reason="the vocos package is not installed (pip install vocos)")
+    import soundfile as sf
+
+    from revq_ray.vae import load_vae
+    from revq_ray.vae.train import VAETrainConfig, train_vae
+    from revq_ray.vae.vocoder import save_vocos
+
+    voc = save_vocos(tmp_path / "vocos", sample_rate=SR, n_fft=512, hop=128, n_mels=24, dim=16,
+                     intermediate_dim=32, num_layers=1)  # fmt: skip
+    src = tmp_path / "speech"
+    src.mkdir()
+    for i in range(3):
+        sf.write(
+            str(src / f"{i}.wav"), real_speech(1.0 + i).numpy(), 22050
+        )  # resampled to the vocoder's rate
+    cfg = VAETrainConfig(
+        input=str(src), modality="audio", output=str(tmp_path / "vae"), vocoder=f"vocos:{voc}",
+        crop_seconds=0.5, width=8, latent_channels=2, steps=2, batch_size=2, val_items=0, device="cpu",
+    )  # fmt: skip
+    train_vae(cfg)
+    vae = load_vae(f"builtin:{tmp_path / 'vae'}")
+    fe = vae.front_end.config()
+    assert (fe["sample_rate"], fe["hop"], fe["n_mels"], fe["mel_scale"], fe["norm"]) == (
+        SR,
+        128,
+        24,
+        "htk",
+        None,
+    )
+    assert vae.vocoder_spec == f"vocos:{voc}" and vae.input_shape == (24, 64)  # 0.5 s at 16 kHz / 128 = 62.5
