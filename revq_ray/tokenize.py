@@ -258,10 +258,19 @@ def _media_name(name: str, modality: str) -> str:
 class DetokenizeFn:
     """(item metadata, ids) -> a media file under ``out`` (one Tokenizer per process or Ray Data actor)."""
 
-    def __init__(self, model: str, vae: str | None, out: str, device: str = "cpu", source_rate: bool = False):
+    def __init__(
+        self,
+        model: str,
+        vae: str | None,
+        out: str,
+        device: str = "cpu",
+        source_rate: bool = False,
+        vocoder: str | None = None,
+    ):
         from revq_ray.tokenizer import Tokenizer
 
         self.tok = Tokenizer.from_pretrained(model, device=device, vae=vae)
+        self.tok.vocoder_override = vocoder or self.tok.vocoder_override
         self.out, self.source_rate = Path(out), source_rate
 
     def one(self, meta: dict[str, Any], ids: np.ndarray) -> str:
@@ -306,7 +315,7 @@ def detokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     log(f"[detokenize] {n} items from {args.input} -> {out}" + (" through Ray Data" if use_ray else ""))
     written = 0
     if not use_ray:
-        fn = DetokenizeFn(model, vae, str(out), args.device, args.source_rate)
+        fn = DetokenizeFn(model, vae, str(out), args.device, args.source_rate, args.vocoder)
         for meta, ids in items:
             fn.one(meta, ids)
             written += 1
@@ -325,7 +334,7 @@ def detokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
 
         ds = ray.data.from_items(list(rows())).map_batches(
             DetokenizeFn,
-            fn_constructor_args=(model, vae, str(out), args.device, args.source_rate),
+            fn_constructor_args=(model, vae, str(out), args.device, args.source_rate, args.vocoder),
             batch_size=16,
             concurrency=args.workers,
             num_cpus=1,
@@ -375,6 +384,9 @@ def build_detokenize_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="Tokenizer bundle (default: the one in the manifest)")
     p.add_argument(
         "--source-rate", action="store_true", help="audio: each file at its original rate and exact length"
+    )
+    p.add_argument(
+        "--vocoder", default=None, help="mel VAEs: griffin-lim or vocos:<dir-or-id> (default: bundle's)"
     )
     _common(p)
     return p
