@@ -402,7 +402,9 @@ def _stage_encode(out: Path, train_dir: Path, val_dir: Path, spec: str, sz: Size
             progress=True,
         )
         paths[split] = dst
-        _log(f"[3/5] encode {split}: {res.summary()}")
+        print(f"[quickstart] [3/5] encode {split}: {res.summary()}", flush=True)  # the log, in quiet mode
+        m = res.manifest
+        _log(f"[3/5] encode {split}: {m.count} latents ({m.num_skipped} skipped) in {len(m.shards)} shards")
     _log(f"[3/5] encode: latents in {out / 'latents'} ({time.perf_counter() - t0:.1f}s)")
     return paths["train"], paths["val"]
 
@@ -573,7 +575,7 @@ def _run_stages(out: Path, sz: Sizes, fast: bool, threads: int | None) -> dict[s
     from revq_ray.train.driver import init_ray
 
     t = time.perf_counter()
-    _log("[3/5] encode: starting a local Ray")
+    print("[quickstart] [3/5] encode: starting a local Ray", flush=True)
     init_ray()
     try:
         shards, val_shards = _stage_encode(out, train_dir, val_dir, spec, sz)
