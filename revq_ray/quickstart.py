@@ -121,8 +121,8 @@ def _log(msg: str) -> None:
 
 class ProgressFilter:
     """Picks the few log lines worth echoing to the terminal: the VAE's and the trainer's step lines at the
-    first step and every quarter of the run, and the line saying DeepSpeed's engine is ready (the worker
-    start-up before it takes a minute on a busy CPU). Everything else stays in the log only."""
+    first step, half-way and the end, and the line saying DeepSpeed's engine is ready (the worker start-up
+    before it takes a minute on a busy CPU). Everything else stays in the log only."""
 
     _VAE = re.compile(r"\[revq_ray\.vae\] step=(\d+) loss=(\S+).*?val_psnr=(\S+)")
     _TRAIN = re.compile(r"\[revq_ray\.train\] (step (\d+)/(\d+) .*)$")
@@ -130,15 +130,15 @@ class ProgressFilter:
 
     def __init__(self, vae_steps: int):
         self.vae_steps = vae_steps
-        self._shown: dict[str, int] = {}  # stage -> last quarter shown (0 = the first step)
+        self._shown: dict[str, int] = {}  # stage -> last half shown (0 = the first step)
 
     def _due(self, stage: str, step: int, total: int) -> bool:
-        quarter = 4 * step // max(total, 1)
+        half = 2 * step // max(total, 1)  # 0 before half-way, 1 from there, 2 at the end
         if step == 1 and stage not in self._shown:
             self._shown[stage] = 0
             return True
-        if quarter > self._shown.get(stage, -1):
-            self._shown[stage] = quarter
+        if half > self._shown.get(stage, -1):
+            self._shown[stage] = half
             return True
         return False
 
