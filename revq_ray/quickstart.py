@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="revq-ray quickstart",
         description="Offline end-to-end demo on real photos: built-in VAE -> Ray Data latents -> "
         "ReVQ with Ray "
-        "Train + DeepSpeed -> evaluation report. About 8 minutes on 2 CPU cores; re-running resumes.",
+        "Train + DeepSpeed -> evaluation report (README: measured time and memory); re-running resumes.",
     )
     p.add_argument("--output", default="runs/quickstart", help="output directory (default runs/quickstart)")
     p.add_argument("--fast", action="store_true", help="tiny sizes (a smoke test, ~1-2 minutes)")
