@@ -6,6 +6,8 @@
     revq-ray tune ...       (python -m revq_ray.tune)
     revq-ray eval ...       (python -m revq_ray.eval)
     revq-ray compare ...    (python -m revq_ray.compare)
+    revq-ray tokenize ...   (python -m revq_ray.tokenize)
+    revq-ray detokenize ... (python -m revq_ray.detokenize)
     revq-ray vae ...        (python -m revq_ray.vae)
     revq-ray import-revq / export-revq ...  (revq_ray.published: the authors' published checkpoints)
 
@@ -36,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "revq_ray.published.import_revq",
     ),
     "export-revq": ("a revq-ray model -> the authors' ckpt.pth + yaml", "revq_ray.published.export_revq"),
+    "tokenize": ("images / audio -> token ids (.npy or shards) + manifest", "revq_ray.tokenize"),
+    "detokenize": ("token ids from tokenize -> images / audio", "revq_ray.detokenize"),
 }
 
 

@@ -20,20 +20,22 @@ stage (tests, smoke checks); ``--fresh`` starts over.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
-
-from revq_ray.runtime import get_logger
 
 TRAIN_PHOTOS = (
     "astronaut",
@@ -101,7 +103,141 @@ FAST = Sizes(
 )
 
 
-_log = get_logger("revq_ray.quickstart").info
+LOG_FILE = "quickstart.log"
+
+# Follows the log while ``quiet_console`` sends file descriptors 1 and 2 (everything Ray, DeepSpeed, torch
+# and their C++ parts print) to the log file, and writes to the terminal; None when nothing is redirected.
+_TAIL: _LogTail | None = None
+
+
+def _log(msg: str) -> None:
+    """A line for the newcomer: on the terminal, and in the log file too while the console is quiet."""
+    line = f"[quickstart] {msg}"
+    print(line, flush=True)  # fd 1: the terminal, or the log file in quiet mode (keeps the log readable)
+    if _TAIL is not None:
+        _TAIL.drain()  # progress lines already in the log come first, in order
+        _TAIL.write(line)
+
+
+class ProgressFilter:
+    """Picks the few log lines worth echoing to the terminal: the VAE's and the trainer's step lines at the
+    first step, half-way and the end, and the line saying DeepSpeed's engine is ready (the worker start-up
+    before it takes a minute on a busy CPU). Everything else stays in the log only."""
+
+    _VAE = re.compile(r"\[revq_ray\.vae\] step=(\d+) loss=(\S+).*?val_psnr=(\S+)")
+    _TRAIN = re.compile(r"\[revq_ray\.train\] (step (\d+)/(\d+) .*)$")
+    _READY = re.compile(r"\[revq_ray\.train\] (DeepSpeed engine ready.*)$")
+
+    def __init__(self, vae_steps: int):
+        self.vae_steps = vae_steps
+        self._shown: dict[str, int] = {}  # stage -> last half shown (0 = the first step)
+
+    def _due(self, stage: str, step: int, total: int) -> bool:
+        half = 2 * step // max(total, 1)  # 0 before half-way, 1 from there, 2 at the end
+        if step == 1 and stage not in self._shown:
+            self._shown[stage] = 0
+            return True
+        if half > self._shown.get(stage, -1):
+            self._shown[stage] = half
+            return True
+        return False
+
+    def __call__(self, line: str) -> str | None:
+        if m := self._VAE.search(line):
+            step = int(m.group(1))
+            if self._due("vae", step, self.vae_steps):
+                return (
+                    f"[2/5] vae: step {step}/{self.vae_steps} loss {m.group(2)} "
+                    f"val PSNR {float(m.group(3)):.2f} dB"
+                )
+            return None
+        if m := self._TRAIN.search(line):
+            if not self._due("train", int(m.group(2)), int(m.group(3))):
+                return None
+            # "step 1/6 (17%) ep 0.1 | loss 0.9 (quant ..) | val 0.3 (norect ..) | usage .. | eta 0m56s"
+            keep = [p for p in m.group(1).split(" | ") if p.split(" ")[0] in ("step", "loss", "val", "eta")]
+            return "[4/5] train: " + " | ".join(p.split(" (")[0] if p[:4] != "step" else p for p in keep)
+        if m := self._READY.search(line):
+            return f"[4/5] train: {m.group(1)}"
+        return None
+
+
+class _LogTail(threading.Thread):
+    """Follows the log file from ``offset`` and writes what ``pick`` returns for each line to ``console``."""
+
+    def __init__(self, path: Path, offset: int, console: TextIO, pick: Callable[[str], str | None]):
+        super().__init__(daemon=True, name="quickstart-log-tail")
+        self.path, self.offset, self.console, self.pick = path, offset, console, pick
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()  # the thread and _log both drain
+        self._partial = b""
+
+    def write(self, line: str) -> None:
+        self.console.write(line + "\n")
+        self.console.flush()
+
+    def drain(self) -> None:
+        with self._lock:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+            self.offset += len(data)
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for raw in lines:
+                shown = self.pick(raw.decode("utf-8", "replace"))
+                if shown:
+                    self.write(f"[quickstart] {shown}")
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.5):
+            self.drain()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.drain()
+
+
+@contextlib.contextmanager
+def quiet_console(log_path: Path, pick: Callable[[str], str | None]) -> Iterator[None]:
+    """Send file descriptors 1 and 2 to ``log_path`` (appended), so that whatever Ray, DeepSpeed and torch
+    print (Python warnings, logging, C++ ``core_worker.cc`` lines, the lines Ray forwards from its workers)
+    lands in the log, and the terminal shows only ``_log`` lines and what ``pick`` selects from the log.
+
+    Redirecting the descriptors, not ``sys.stdout``, is what catches the C++ parts and the child processes
+    Ray starts (they inherit them). Restored on exit, also on errors."""
+    global _TAIL
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.write(log_fd, f"\n===== revq-ray quickstart {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+    console = os.fdopen(os.dup(saved_out), "w", buffering=1)
+    tail = _LogTail(log_path, os.lseek(log_fd, 0, os.SEEK_END), console, pick)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    # sys.stdout is usually fd 1 already; not under a notebook or a capturing test runner
+    py_log = os.fdopen(os.dup(log_fd), "a", buffering=1)
+    _TAIL = tail
+    tail.start()
+    try:
+        with contextlib.redirect_stdout(py_log), contextlib.redirect_stderr(py_log):
+            try:
+                yield
+            except BaseException:
+                traceback.print_exc()  # into the log; main() shows its tail
+                raise
+    finally:
+        py_log.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        tail.stop()
+        os.dup2(saved_out, 1)
+        os.dup2(saved_err, 2)
+        for fd in (saved_out, saved_err, log_fd):
+            os.close(fd)
+        _TAIL = None
+        console.close()
 
 
 def _load_photo(name: str):
@@ -241,7 +377,9 @@ def _stage_vae(out: Path, train_dir: Path, sz: Sizes, threads: int) -> str:
             f"for {sz.vae_steps} steps"
         )
         _invalidate(out, "vae")
+        t0 = time.perf_counter()
         train_vae(cfg)
+        _log(f"[2/5] vae: done in {time.perf_counter() - t0:.1f}s -> {vae_dir}")
     return f"builtin:{vae_dir}"
 
 
@@ -264,7 +402,9 @@ def _stage_encode(out: Path, train_dir: Path, val_dir: Path, spec: str, sz: Size
             progress=True,
         )
         paths[split] = dst
-        _log(f"[3/5] encode {split}: {res.summary()}")
+        print(f"[quickstart] [3/5] encode {split}: {res.summary()}", flush=True)  # the log, in quiet mode
+        m = res.manifest
+        _log(f"[3/5] encode {split}: {m.count} latents ({m.num_skipped} skipped) in {len(m.shards)} shards")
     _log(f"[3/5] encode: latents in {out / 'latents'} ({time.perf_counter() - t0:.1f}s)")
     return paths["train"], paths["val"]
 
@@ -346,6 +486,7 @@ def _stage_eval(out: Path, run_dir: Path, val_dir: Path, spec: str, sz: Sizes) -
     from revq_ray.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
+    _log(f"[5/5] eval: scoring the tokenizer on {sz.eval_items} held-out crops")
     res = evaluate(
         run_dir,
         val_dir,
@@ -353,7 +494,7 @@ def _stage_eval(out: Path, run_dir: Path, val_dir: Path, spec: str, sz: Sizes) -
         vae=spec,
         limit=sz.eval_items,
         device="cpu",
-        log=lambda s: _log(f"[5/5] {s}"),
+        log=lambda s: print(f"[quickstart] [5/5] {s}", flush=True),  # details: the log file in quiet mode
     )
     tok = Tokenizer.build(spec, run_dir)
     tok.save_pretrained(out / "tokenizer")
@@ -388,16 +529,31 @@ def run_quickstart(
     fast: bool = False,
     fresh: bool = False,
     threads: int | None = None,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the five stages; returns a summary dict (also written to ``<output>/summary.json``)."""
-    import torch
+    """Run (or resume) the five stages; returns a summary dict (also written to ``<output>/summary.json``).
 
+    The terminal gets stage progress and the summary; everything else (Ray's and DeepSpeed's messages, every
+    training step) goes to ``<output>/quickstart.log``, which the summary names. ``verbose`` prints it all."""
     _prepare_env()
     sz = FAST if fast else FULL
     out = Path(output).expanduser().resolve()
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    log_path = out / LOG_FILE
+    quiet = contextlib.nullcontext() if verbose else quiet_console(log_path, ProgressFilter(sz.vae_steps))
+    with quiet:
+        summary = _run_stages(out, sz, fast, threads)
+        summary["log"] = None if verbose else str(log_path)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+def _run_stages(out: Path, sz: Sizes, fast: bool, threads: int | None) -> dict[str, Any]:
+    import torch
+
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     t_all = time.perf_counter()
@@ -419,6 +575,7 @@ def run_quickstart(
     from revq_ray.runtime import init_ray
 
     t = time.perf_counter()
+    print("[quickstart] [3/5] encode: starting a local Ray", flush=True)
     init_ray()
     try:
         shards, val_shards = _stage_encode(out, train_dir, val_dir, spec, sz)
@@ -432,7 +589,7 @@ def run_quickstart(
     res = _stage_eval(out, run_dir, val_dir, spec, sz)
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    summary = {
+    return {
         "output": str(out),
         "report": str(out / "eval" / "report.md"),
         "tokenizer": str(out / "tokenizer"),
@@ -441,9 +598,6 @@ def run_quickstart(
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "metrics": res["summary"],
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(format_summary(summary), flush=True)
-    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -483,13 +637,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     line = "-" * (width + 50)
     body = "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
     out = summary["output"]
-    return (
-        f"\n{line}\nrevq-ray quickstart summary\n{line}\n{body}\n{line}\n"
-        f"report:    {summary['report']}\n"
-        f"tokenizer: {summary['tokenizer']}   (revq_ray.Tokenizer.from_pretrained(...).encode(images))\n"
+    tail = [f"report:    {summary['report']}"]
+    if summary.get("log"):
+        tail.append(f"log:       {summary['log']}   (Ray's and DeepSpeed's messages, every training step)")
+    tail += [
+        f"tokenizer: {summary['tokenizer']}   (revq_ray.Tokenizer.from_pretrained(...).encode(images))",
         f"next:      revq-ray compare --shards {out}/latents/train --val-shards {out}/latents/val "
-        f"--bits {int(sz['tokens'] * math.log2(sz['codebook_size']))} --output {out}/compare\n"
-    )
+        f"--bits {int(sz['tokens'] * math.log2(sz['codebook_size']))} --output {out}/compare",
+    ]
+    return f"\n{line}\nrevq-ray quickstart summary\n{line}\n{body}\n{line}\n" + "\n".join(tail) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -497,22 +653,42 @@ def build_parser() -> argparse.ArgumentParser:
         prog="revq-ray quickstart",
         description="Offline end-to-end demo on real photos: built-in VAE -> Ray Data latents -> "
         "ReVQ with Ray "
-        "Train + DeepSpeed -> evaluation report. About 8 minutes on 2 CPU cores; re-running resumes.",
+        "Train + DeepSpeed -> evaluation report (README: measured time and memory); re-running resumes.",
     )
     p.add_argument("--output", default="runs/quickstart", help="output directory (default runs/quickstart)")
     p.add_argument("--fast", action="store_true", help="tiny sizes (a smoke test, ~1-2 minutes)")
     p.add_argument("--fresh", action="store_true", help="delete the output directory first")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores, at most 4)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"print everything (Ray, DeepSpeed, every step) instead of sending it to <output>/{LOG_FILE}",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run_quickstart(args.output, fast=args.fast, fresh=args.fresh, threads=args.threads)
+        run_quickstart(
+            args.output, fast=args.fast, fresh=args.fresh, threads=args.threads, verbose=args.verbose
+        )
     except KeyboardInterrupt:
         _log("interrupted: re-run the same command to continue where it stopped")
         return 130
+    except Exception as err:
+        log_path = Path(args.output).expanduser().resolve() / LOG_FILE
+        if args.verbose or not log_path.is_file():
+            raise
+        lines = log_path.read_text(errors="replace").splitlines()[-25:]
+        print("\n".join(lines), file=sys.stderr)
+        print(
+            f"\n[quickstart] failed: {type(err).__name__}: {err}\n"
+            f"[quickstart] above: the end of {log_path}, which holds everything; re-running continues "
+            "where it stopped",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -8,9 +8,13 @@
     tok.save_pretrained("my_tokenizer") # self-contained bundle
     tok = Tokenizer.from_pretrained("my_tokenizer")
 
-Audio tokenizers take waveforms and their sample rate (``tok.encode(wave, sample_rate=16000)``); they go
-through the VAE's mel front end (resampled, cut or zero-padded to the clip length the VAE was trained on)
-and ``decode`` returns waveforms at ``tok.sample_rate`` (Griffin-Lim from the decoded mel).
+Audio tokenizers take waveforms of any length and their sample rate (``tok.encode(wave, sample_rate=16000)``
+-> :class:`~revq_ray.audio_tokens.AudioIds`): each recording is resampled to the VAE's rate, cut into
+consecutive windows of the clip the VAE was trained on (the last one padded, the true length kept) and its
+ids are the windows' ids in time order, T per window (the layout is documented in
+:mod:`revq_ray.audio_tokens`). ``decode`` reassembles the windows by overlap-add and returns waveforms of the
+original length at ``tok.sample_rate`` (or ``sample_rate=``), vocoded from the decoded mel by the VAE's
+vocoder (Griffin-Lim, or Vocos: ``vocoder="vocos:<dir-or-id>"``, see :mod:`revq_ray.vae.vocoder`).
 
 Bundle layout written by :meth:`Tokenizer.save_pretrained`::
 
@@ -178,10 +182,13 @@ class Tokenizer:
         vae_spec: the spec string the VAE was loaded from (defaults to ``vae.spec``); stored in the bundle.
     """
 
-    def __init__(self, vae: Any, model: Any, vae_spec: str | None = None):
+    def __init__(self, vae: Any, model: Any, vae_spec: str | None = None, vocoder: str | None = None):
         self.vae = vae
         self.model = model.eval()
         self.vae_spec = vae_spec or getattr(vae, "spec", "")
+        # mel VAEs: how decoded mels become waveforms; None = the VAE's own choice (griffin-lim by default)
+        self.vocoder_override = vocoder
+        self._vocoder: Any = None
         if tuple(vae.latent_shape) != tuple(model.latent_shape):
             raise ValueError(
                 f"VAE {self.vae_spec!r} makes latents of shape {tuple(vae.latent_shape)} but the model was "
@@ -197,12 +204,14 @@ class Tokenizer:
         model_dir: str | os.PathLike,
         device: str | torch.device = "cpu",
         image_size: int | None = None,
+        vocoder: str | None = None,
     ) -> Tokenizer:
         """Combine a VAE spec and a trained model (export dir, run dir or bundle) into a Tokenizer."""
         from revq_ray.core.model import ReVQModel
 
         model = ReVQModel.from_pretrained(str(resolve_model_dir(model_dir))).to(device)
-        return cls(load_vae_for(vae_spec, model.latent_shape, device, image_size), model, vae_spec)
+        vae = load_vae_for(vae_spec, model.latent_shape, device, image_size)
+        return cls(vae, model, vae_spec, vocoder=vocoder)
 
     @classmethod
     def from_pretrained(
@@ -235,7 +244,7 @@ class Tokenizer:
 
         model = ReVQModel.from_pretrained(str(path / MODEL_SUBDIR)).to(device)
         vae_obj = load_vae_for(spec, model.latent_shape, device, cfg.get("image_size"))
-        tok = cls(vae_obj, model, spec)
+        tok = cls(vae_obj, model, spec, vocoder=cfg.get("vocoder"))
         tok.vae_spec = cfg["vae"] if vae is None else vae
         tok.image_resize = cfg.get("image_resize", "stretch")
         tok._bundle_dir = path
@@ -294,6 +303,9 @@ class Tokenizer:
             "quantizer": self.model.cfg.quantizer.type,
             "rectifier": self.model.cfg.rectifier.type,
         }
+        if self.modality == "audio":
+            cfg["window_samples"] = self.window_samples
+            cfg["vocoder"] = self.vocoder_override  # None: the VAE's own (griffin-lim unless it names vocos)
         (path / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
         return path
 
@@ -332,12 +344,43 @@ class Tokenizer:
 
     @property
     def clip_samples(self) -> int | None:
-        """Audio: the waveform length (samples) of one tokenized clip."""
+        """Audio: the waveform length (samples) whose mel is exactly one window (``(F - 1) * hop`` for a mel
+        VAE: a centered STFT gives ``1 + n // hop`` frames)."""
         if self.modality != "audio":
             return None
         if self.input_kind == "mel":
             return (int(self.vae.input_shape[-1]) - 1) * int(self.vae.front_end.hop)
         return int(self.vae.input_shape[-1])
+
+    @property
+    def window_samples(self) -> int | None:
+        """Audio: how far one window of T ids reaches in time, in samples (``F * hop`` for a mel VAE)."""
+        if self.modality != "audio":
+            return None
+        if self.input_kind == "mel":
+            return int(self.vae.input_shape[-1]) * int(self.vae.front_end.hop)
+        return int(self.vae.input_shape[-1])
+
+    def num_windows(self, n_samples: int) -> int:
+        """Audio: windows (of T ids each) that a recording of ``n_samples`` at ``sample_rate`` takes."""
+        from revq_ray.audio_tokens import num_windows
+
+        if self.input_kind == "mel":
+            return num_windows(self.vae.front_end.num_frames(n_samples), int(self.vae.input_shape[-1]))
+        return num_windows(n_samples, int(self.vae.input_shape[-1]))
+
+    @property
+    def vocoder(self) -> Any:
+        """Mel VAEs: the vocoder (``griffin-lim`` unless the VAE or ``vocoder=`` names ``vocos:...``)."""
+        if self._vocoder is None:
+            from revq_ray.vae.vocoder import load_vocoder
+
+            spec = self.vocoder_override or getattr(self.vae, "vocoder_spec", None)
+            self._vocoder = load_vocoder(spec, self.device)
+            check = getattr(self._vocoder, "check", None)
+            if check is not None:
+                check(self.vae.front_end)
+        return self._vocoder
 
     def to(self, device: str | torch.device) -> Tokenizer:
         self.model.to(device)
@@ -356,33 +399,52 @@ class Tokenizer:
         return self._preprocess_audio(inputs, sample_rate)
 
     def _preprocess_audio(self, inputs: Any, sample_rate: int | None) -> torch.Tensor:
+        """Waveforms of any length -> every window of each, stacked (sum of windows, *input_shape)."""
+        return torch.cat(self.audio_windows(inputs, sample_rate)[0])
+
+    def audio_windows(
+        self, inputs: Any, sample_rate: int | None
+    ) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """Waveforms -> (per recording its windows (W_i, *input_shape), lengths at ``self.sample_rate``,
+        lengths as given). Mel VAEs take the mel of the whole recording, then cut it into windows of F
+        frames, so a window's frames are those the long recording has there."""
         import torchaudio
 
-        from revq_ray.vae.audio import crop_or_pad
+        from revq_ray.audio_tokens import split_windows
 
         if sample_rate is None:
             raise ValueError(
                 "audio tokenizer: pass sample_rate= with the waveforms (their sampling rate in Hz)"
             )
-        waves = []
+        windows, lengths, source_lengths = [], [], []
         for w in _as_wave_list(inputs):
+            if w.numel() == 0:
+                raise ValueError("audio tokenizer: an empty waveform (0 samples) has no tokens")
+            source_lengths.append(int(w.numel()))
             if int(sample_rate) != self.sample_rate:
                 w = torchaudio.functional.resample(w, int(sample_rate), int(self.sample_rate))
-            waves.append(crop_or_pad(w, self.clip_samples, offset=0)[0])
-        wave_bl = torch.stack(waves)
-        if self.input_kind == "mel":
-            fe = self.vae.front_end
-            mel = fe(wave_bl)[..., : int(self.vae.input_shape[-1])]
-            return mel
-        return wave_bl.reshape(len(waves), *self.vae.input_shape)
+            lengths.append(int(w.numel()))
+            if self.input_kind == "mel":
+                fe = self.vae.front_end
+                mel = fe(w.to(fe.mel.spectrogram.window.device))  # (n_mels, 1 + n // hop)
+                windows.append(split_windows(mel, int(self.vae.input_shape[-1]), pad_value=-1.0))
+            else:
+                wins = split_windows(w[None], int(self.vae.input_shape[-1]), pad_value=0.0)
+                windows.append(wins.reshape(-1, *self.vae.input_shape))
+        return windows, lengths, source_lengths
 
-    def postprocess(self, x: torch.Tensor) -> torch.Tensor:
-        """A VAE output batch -> media: images (B, 3, H, W) in [0, 1]; audio waveforms (B, L) in [-1, 1]."""
+    def postprocess(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """A VAE output batch -> media: images (B, 3, H, W) in [0, 1]; audio waveforms (B, L) in [-1, 1]
+        (``length`` samples, default one clip)."""
         if self.modality == "image":
             return x.clamp(0.0, 1.0)
+        length = self.clip_samples if length is None else int(length)
         if self.input_kind == "mel":
-            return self.vae.front_end.to(x.device).mel_to_wave(x, length=self.clip_samples)
-        return x.reshape(x.shape[0], -1).clamp(-1.0, 1.0)
+            return self.vocoder(x, self.vae.front_end, length)
+        x = x.reshape(x.shape[0], -1)
+        if x.shape[-1] < length:
+            x = torch.nn.functional.pad(x, (0, length - x.shape[-1]))
+        return x[..., :length].clamp(-1.0, 1.0)
 
     # ----------------------------------------------------------------------------------------- API
     @torch.no_grad()
@@ -396,14 +458,22 @@ class Tokenizer:
         return self.model.decode(torch.as_tensor(ids_bt, device=self.device))
 
     @torch.no_grad()
-    def encode(self, inputs: Any, sample_rate: int | None = None, batch_size: int = 64) -> torch.Tensor:
-        """Media -> token ids (B, T) int64 in [0, codebook_size).
+    def encode(self, inputs: Any, sample_rate: int | None = None, batch_size: int = 64) -> Any:
+        """Media -> token ids.
 
         Images: a (B, C, H, W) or (B, H, W, C) uint8/float tensor or array, one image, a PIL image or a
-        list of them (resized to the VAE's input size). Audio: waveforms (L,), (B, L) or a list, with
-        ``sample_rate``.
+        list of them (resized to the VAE's input size) -> (B, T) int64 in [0, codebook_size).
+
+        Audio: waveforms of any length, (L,), (B, L) or a list of different lengths, with ``sample_rate``
+        -> :class:`~revq_ray.audio_tokens.AudioIds`: per recording ``num_windows(L) * T`` ids, window after
+        window in time order (``ids.item(b)``), with the true lengths.
         """
-        x = self.preprocess(inputs, sample_rate)
+        if self.modality == "audio":
+            return self._encode_audio(inputs, sample_rate, batch_size)
+        return self._encode_inputs(self.preprocess(inputs, sample_rate), batch_size)
+
+    def _encode_inputs(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """VAE inputs (N, *input_shape) -> ids (N, T)."""
         # GQ scores codes against the posterior N(mu, sigma^2): give it the log-variance when the VAE has one.
         use_posterior = self.model.cfg.quantizer.type == "gq" and bool(
             getattr(self.vae, "is_gaussian", False)
@@ -418,10 +488,45 @@ class Tokenizer:
                 out.append(self.encode_latents(self.vae.encode(xb)).cpu())
         return torch.cat(out)
 
+    def _encode_audio(self, inputs: Any, sample_rate: int | None, batch_size: int) -> Any:
+        from revq_ray.audio_tokens import AudioIds
+
+        windows, lengths, source_lengths = self.audio_windows(inputs, sample_rate)
+        ids_nt = self._encode_inputs(torch.cat(windows), batch_size)  # every window of every recording
+        items = list(ids_nt.split([len(w) for w in windows]))
+        return AudioIds.from_items(
+            items,
+            lengths,
+            self.tokens,
+            self.window_samples,
+            self.sample_rate,
+            int(sample_rate),
+            source_lengths,
+        )
+
     @torch.no_grad()
-    def decode(self, ids_bt: torch.Tensor | Sequence[Sequence[int]], batch_size: int = 64) -> torch.Tensor:
-        """Token ids (B, T) -> images (B, 3, H, W) in [0, 1], or waveforms (B, L) at ``sample_rate``."""
-        ids = torch.as_tensor(ids_bt, dtype=torch.long)
+    def decode(
+        self,
+        ids: Any,
+        batch_size: int = 64,
+        sample_rate: int | None = None,
+    ) -> torch.Tensor:
+        """Token ids -> media.
+
+        Images: ids (B, T) -> (B, 3, H, W) in [0, 1].
+
+        Audio: :class:`~revq_ray.audio_tokens.AudioIds` (from ``encode``) -> waveforms (B, L_max) in [-1, 1]
+        at ``tok.sample_rate``, recording b in its first ``ids.lengths[b]`` samples (zeros after);
+        ``sample_rate=ids.source_rate`` resamples back to the input rate and length. A plain (B, W * T)
+        id tensor (``PAD`` = -1 after a shorter row's windows) decodes to whole windows.
+        """
+        if self.modality == "audio":
+            waves = self.decode_audio(ids, batch_size, sample_rate)
+            out = torch.zeros(len(waves), max(w.numel() for w in waves))
+            for b, w in enumerate(waves):
+                out[b, : w.numel()] = w
+            return out
+        ids = torch.as_tensor(ids, dtype=torch.long)
         if ids.ndim == 1:
             ids = ids[None]
         out = []
@@ -429,6 +534,92 @@ class Tokenizer:
             z = self.decode_latents(ids[i : i + batch_size])
             out.append(self.postprocess(self.vae.decode(z)).cpu())
         return torch.cat(out)
+
+    @torch.no_grad()
+    def decode_audio(
+        self, ids: Any, batch_size: int = 64, sample_rate: int | None = None
+    ) -> list[torch.Tensor]:
+        """Audio ids -> one waveform per recording, each of its exact length (see :meth:`decode`)."""
+        import torchaudio
+
+        audio_ids = self._as_audio_ids(ids)
+        outs = self.decode_windows([audio_ids.item_windows(b) for b in range(len(audio_ids))], batch_size)
+        waves = []
+        for b, y in enumerate(outs):
+            n = int(audio_ids.lengths[b])
+            w = self._output_to_wave(y, n)
+            if sample_rate is not None and int(sample_rate) != self.sample_rate:
+                w = torchaudio.functional.resample(w, self.sample_rate, int(sample_rate))
+                src = audio_ids.source_lengths
+                if audio_ids.source_rate == int(sample_rate) and src is not None:
+                    n_out = int(src[b])
+                    w = torch.nn.functional.pad(w, (0, max(0, n_out - w.numel())))[:n_out]
+            waves.append(w.cpu())
+        return waves
+
+    def decode_windows(self, items: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per recording its ids (W_i, T) -> its VAE output reassembled over time, (C, W_i * N), by
+        overlap-add of the windows and the windows straddling their borders (:mod:`revq_ray.audio_tokens`)."""
+        from revq_ray.audio_tokens import overlap_add
+
+        counts = [int(x.shape[0]) for x in items]
+        z = self._latents_of(torch.cat(items), batch_size)
+        per_item = list(z.split(counts))
+        return [overlap_add(*self._decode_pair(z_w, batch_size)) for z_w in per_item]
+
+    def decode_latent_windows(self, z_items: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+        """Like :meth:`decode_windows` from raw latents (W_i, *latent_shape) per recording."""
+        from revq_ray.audio_tokens import overlap_add
+
+        return [overlap_add(*self._decode_pair(z.to(self.device), batch_size)) for z in z_items]
+
+    def _latents_of(self, ids_nt: torch.Tensor, batch_size: int) -> torch.Tensor:
+        return torch.cat(
+            [self.decode_latents(ids_nt[i : i + batch_size]) for i in range(0, ids_nt.shape[0], batch_size)]
+        )
+
+    def _decode_pair(self, z_wcl: torch.Tensor, batch_size: int) -> tuple[Any, Any, int]:
+        """Decoded windows, decoded straddling windows, and how far into a window the latter start."""
+        from revq_ray.audio_tokens import straddling_latents
+
+        def dec(z: torch.Tensor) -> torch.Tensor:
+            out = [self.vae.decode(z[i : i + batch_size]).cpu() for i in range(0, z.shape[0], batch_size)]
+            y = torch.cat(out)
+            return (
+                y.reshape(y.shape[0], -1, y.shape[-1])
+                if self.input_kind == "mel"
+                else y.reshape(y.shape[0], 1, -1)
+            )
+
+        a = dec(z_wcl)
+        b = dec(straddling_latents(z_wcl)) if z_wcl.shape[0] > 1 else None
+        n, L = a.shape[-1], z_wcl.shape[-1]
+        return a, b, (L // 2) * (n // L)
+
+    def _output_to_wave(self, y_ct: torch.Tensor, n_samples: int) -> torch.Tensor:
+        """A reassembled VAE output (C, N) -> waveform (n_samples,)."""
+        if self.input_kind == "mel":
+            frames = self.vae.front_end.num_frames(n_samples)
+            return self.postprocess(y_ct[None, :, :frames].to(self.device), length=n_samples)[0]
+        return self.postprocess(y_ct.reshape(1, -1), length=n_samples)[0]
+
+    def _as_audio_ids(self, ids: Any) -> Any:
+        from revq_ray.audio_tokens import PAD, AudioIds
+
+        if isinstance(ids, AudioIds):
+            return ids
+        t = torch.as_tensor(ids, dtype=torch.long)
+        t = t[None] if t.ndim == 1 else t
+        if t.ndim != 2 or t.shape[1] % self.tokens:
+            raise ValueError(
+                f"audio ids: expected AudioIds or (B, W * T) with T={self.tokens}; got {tuple(t.shape)}"
+            )
+        rows = [r.view(-1, self.tokens) for r in t]
+        rows = [r[(r != PAD).any(dim=1)] for r in rows]  # drop padding windows
+        hop = int(self.vae.front_end.hop) if self.input_kind == "mel" else 1
+        # whole windows: a mel window of F frames is (F * W - 1) * hop samples of a centered STFT
+        lengths = [len(r) * self.window_samples - (hop if self.input_kind == "mel" else 0) for r in rows]
+        return AudioIds.from_items(rows, lengths, self.tokens, self.window_samples, self.sample_rate)
 
     @torch.no_grad()
     def reconstruct(self, inputs: Any, sample_rate: int | None = None) -> torch.Tensor:

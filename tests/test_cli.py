@@ -24,6 +24,8 @@ SUBCOMMANDS = [
     "vae",
     "import-revq",
     "export-revq",
+    "tokenize",
+    "detokenize",
 ]
 
 

@@ -10,7 +10,9 @@ from the bundle, else from the run's saved config, else from the shards' manifes
 the originals are unknown, so decoded metrics compare the tokenized decode with the VAE-only decode.
 
 Writes ``metrics.json``, ``report.md`` and figures (``grid.png``, ``usage.png``, ``curves.png`` when the run
-has a metrics CSV, and for audio ``mel.png`` plus original / VAE-only / tokenized ``.wav`` files).
+has a metrics CSV, and for audio ``mel.png`` plus original / VAE-only / tokenized ``.wav`` files). Audio files
+are scored whole: every window of the clip length the model was trained on, reassembled at full length
+(:mod:`revq_ray.audio_tokens`), one row per file under ``files`` in ``metrics.json`` and in the report.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ import torch
 from revq_ray.core import metrics as M
 from revq_ray.eval import report as R
 from revq_ray.eval.inputs import EvalInput, detect_kind, read_audio, read_images, read_latents
+from revq_ray.vae.audio import save_wav
 
 LPIPS_FID_NOTE = (
     "LPIPS and FID were not computed: they need pretrained network weights (VGG/AlexNet for LPIPS, "
@@ -70,6 +74,27 @@ def _resolve_vae_spec(
     return None, ""
 
 
+@dataclass
+class _Eval:
+    """What one evaluation works on, shared by its steps."""
+
+    net: Any  # ReVQModel
+    tok: Any  # Tokenizer, or None (latent shards without a VAE: latent metrics only)
+    data: EvalInput
+    kind: str  # detect_kind(input)
+    spec: str | None
+    model_dir: Path
+    run_dir: Path | None
+    out_dir: Path
+    dev: torch.device
+    batch_size: int
+    log: Callable[[str], None]
+    t0: float
+    notes: list[str] = field(default_factory=list)
+    x_in: torch.Tensor | None = None  # VAE inputs of the originals (images / every audio window)
+    windows: list[int] | None = None  # audio files: windows per file (x_in rows, in order)
+
+
 def evaluate(
     model: str | Path,
     input: str | Path,
@@ -82,12 +107,28 @@ def evaluate(
     audio_items: int = 3,
     run_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
+    vocoder: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``input``; write metrics.json, report.md and figures to ``output``.
 
     Returns the metrics dict (also written to ``<output>/metrics.json``). ``limit`` caps the items read
-    (None = all); ``run_dir`` overrides where training curves are read from.
+    (None = all); ``run_dir`` overrides where training curves are read from. Audio files are scored whole
+    (every window, reassembled at full length) and listed one by one under ``files``; ``vocoder`` overrides
+    the mel VAE's vocoder (``griffin-lim`` or ``vocos:<dir-or-id>``).
     """
+    ev = _setup(model, input, output, vae, limit, device, run_dir, log, vocoder)
+    ev.batch_size = batch_size
+    _encode_media(ev)
+    q = _quantize(ev)
+    result, summary = _latent_and_usage(ev, q)
+    figures: dict[str, str] = {}
+    if ev.tok is not None:
+        _decoded_metrics(ev, q, result, summary, figures, grid_items, audio_items)
+    return _finish(ev, result, summary, figures)
+
+
+def _setup(model, input, output, vae, limit, device, run_dir, log, vocoder) -> _Eval:
+    """Load the model, find and load its VAE, read the input."""
     from revq_ray.core.model import ReVQModel
     from revq_ray.tokenizer import Tokenizer, image_resize_of, load_vae_for, resolve_model_dir, run_dir_of
 
@@ -101,7 +142,6 @@ def evaluate(
     if run_dir is None:
         run_dir = model_path if (model_path / "export").is_dir() else run_dir_of(model_dir)
     log(f"[eval] model {model_dir} ({net.cfg.quantizer.type}, T={net.tokens}, K={net.codebook_size})")
-
     kind = detect_kind(input)
     notes: list[str] = []
     data: EvalInput | None = read_latents(input, limit) if kind == "latents" else None
@@ -109,7 +149,7 @@ def evaluate(
     tok: Tokenizer | None = None
     if spec:
         try:
-            tok = Tokenizer(load_vae_for(spec, net.latent_shape, dev), net, spec)
+            tok = Tokenizer(load_vae_for(spec, net.latent_shape, dev), net, spec, vocoder=vocoder)
             tok.image_resize = image_resize_of(model_path)  # e.g. center_crop for imported published models
             log(f"[eval] VAE {spec} (from {spec_from})")
         except Exception as err:
@@ -128,34 +168,33 @@ def evaluate(
         notes.append(
             "No VAE available (pass --vae SPEC): decoded-image/audio metrics skipped, latent metrics only."
         )
-    if kind == "idx" or kind == "images":
+    if kind in ("idx", "images"):
         data = read_images(input, limit)
     elif kind == "audio":
         if tok.modality != "audio":
             raise ValueError(f"--input {input} is audio but the VAE {spec!r} is an {tok.modality} VAE")
         data = read_audio(input, tok.sample_rate, limit)
     assert data is not None
-    n = len(data)
-    log(f"[eval] {n} items from {data.source} ({kind}); {len(data.skipped)} skipped")
+    log(f"[eval] {len(data)} items from {data.source} ({kind}); {len(data.skipped)} skipped")
     if data.skipped:
         notes.append(f"{len(data.skipped)} unreadable input entries were skipped (e.g. {data.skipped[0]}).")
+    return _Eval(net, tok, data, kind, spec, model_dir, run_dir, out_dir, dev, 64, log, t0, notes)
 
-    # ---------------------------------------------------------------- media -> VAE inputs and latents
-    x_in = None  # VAE inputs (images / mels) of the originals
-    waves_in = None  # original waveform clips (audio)
-    if kind != "latents":
+
+def _encode_media(ev: _Eval) -> None:
+    """Media -> VAE inputs (``ev.x_in``; audio: every window of every file) -> latents (``ev.data``)."""
+    tok, data = ev.tok, ev.data
+    if ev.kind != "latents":
         if tok.modality == "audio":
-            sr = tok.sample_rate
-            from revq_ray.vae.audio import crop_or_pad
-
-            waves_in = torch.stack([crop_or_pad(w, tok.clip_samples, offset=0)[0] for w in data.waves])
-            x_in = tok.preprocess(waves_in, sample_rate=sr)
+            wins, _, _ = tok.audio_windows(data.waves, tok.sample_rate)
+            ev.windows = [len(w) for w in wins]
+            ev.x_in = torch.cat(wins)
         else:
-            x_in = tok.preprocess(data.images)
-        use_post = net.cfg.quantizer.type == "gq" and getattr(tok.vae, "is_gaussian", False)
+            ev.x_in = tok.preprocess(data.images)
+        use_post = ev.net.cfg.quantizer.type == "gq" and getattr(tok.vae, "is_gaussian", False)
         zs, lvs = [], []
-        for sl in _batches(n, batch_size):
-            xb = x_in[sl].to(dev)
+        for sl in _batches(ev.x_in.shape[0], ev.batch_size):
+            xb = ev.x_in[sl].to(ev.dev)
             if use_post:
                 post = tok.vae.posterior(xb)
                 zs.append(post.mean.cpu())
@@ -164,53 +203,72 @@ def evaluate(
                 zs.append(tok.vae.encode(xb).cpu())
         data.latents = torch.cat(zs)
         data.logvars = torch.cat(lvs) if lvs else None
-        log(f"[eval] encoded {n} items with the VAE ({time.perf_counter() - t0:.1f}s)")
-    z_all = data.latents
-    if net.cfg.quantizer.type == "gq" and data.logvars is None:
-        notes.append(
+        ev.log(f"[eval] encoded {ev.x_in.shape[0]} VAE inputs ({time.perf_counter() - ev.t0:.1f}s)")
+    if ev.net.cfg.quantizer.type == "gq" and data.logvars is None:
+        ev.notes.append(
             "GQ without log-variances (deterministic VAE or shards without logvar): posterior-free scoring."
         )
 
-    # ---------------------------------------------------------------- quantize + rectify
-    ids, rec, q_std, r_std, z_std = [], [], [], [], []
+
+def _quantize(ev: _Eval) -> dict[str, torch.Tensor]:
+    """Every latent through quantizer + rectifier: ids, rectified latents, and the standardized views."""
+    data, net = ev.data, ev.net
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("ids", "rec", "q_std", "r_std", "z_std")}
     with torch.no_grad():
-        for sl in _batches(n, batch_size):
-            lv = data.logvars[sl].to(dev) if data.logvars is not None else None
-            out = net(z_all[sl].to(dev), lv)
-            ids.append(out.ids_bt.cpu())
-            rec.append(out.latents_rec.cpu())
-            q_std.append(out.quantized.cpu())
-            r_std.append(out.rectified_std.cpu())
-            z_std.append(out.latents_std.cpu())
-    ids_nt, rec_all = torch.cat(ids), torch.cat(rec)
-    q_std_all, r_std_all, z_std_all = torch.cat(q_std), torch.cat(r_std), torch.cat(z_std)
-    q_raw_all = net.standardizer.inverse(q_std_all.to(dev)).cpu()
+        for sl in _batches(data.latents.shape[0], ev.batch_size):
+            lv = data.logvars[sl].to(ev.dev) if data.logvars is not None else None
+            out = net(data.latents[sl].to(ev.dev), lv)
+            parts["ids"].append(out.ids_bt.cpu())
+            parts["rec"].append(out.latents_rec.cpu())
+            parts["q_std"].append(out.quantized.cpu())
+            parts["r_std"].append(out.rectified_std.cpu())
+            parts["z_std"].append(out.latents_std.cpu())
+    q = {k: torch.cat(v) for k, v in parts.items()}
+    q["q_raw"] = net.standardizer.inverse(q["q_std"].to(ev.dev)).cpu()
+    return q
+
+
+def _latent_and_usage(ev: _Eval, q: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Latent MSEs, codebook usage on the evaluation set and the run's info block."""
+    net, z_all = ev.net, ev.data.latents
     latent = {
-        "mse_std_without_rectifier": M.mse(q_std_all, z_std_all).item(),
-        "mse_std_with_rectifier": M.mse(r_std_all, z_std_all).item(),
-        "mse_raw_without_rectifier": M.mse(q_raw_all, z_all).item(),
-        "mse_raw_with_rectifier": M.mse(rec_all, z_all).item(),
+        "mse_std_without_rectifier": M.mse(q["q_std"], q["z_std"]).item(),
+        "mse_std_with_rectifier": M.mse(q["r_std"], q["z_std"]).item(),
+        "mse_raw_without_rectifier": M.mse(q["q_raw"], z_all).item(),
+        "mse_raw_with_rectifier": M.mse(q["rec"], z_all).item(),
         "note": "std = per-element standardized units (the paper's latent MSE); raw = the VAE's own units",
     }
-    usage = M.usage_stats(ids_nt, net.codebook_size)
-    counts = M.code_counts(ids_nt, net.codebook_size)
-    bits = net.bits_per_sample
+    n = len(ev.data.waves) if ev.data.waves is not None else len(ev.data)  # files, not windows
     info: dict[str, Any] = {
-        "model": str(model_dir),
-        "vae": spec or "",
-        "input": str(input),
-        "input_kind": kind,
+        "model": str(ev.model_dir),
+        "vae": ev.spec or "",
+        "input": str(ev.data.source),
+        "input_kind": ev.kind,
         "items": n,
-        "modality": tok.modality if tok else "latent",
+        "modality": ev.tok.modality if ev.tok else "latent",
         "quantizer": net.cfg.quantizer.type,
         "rectifier": net.cfg.rectifier.type,
         "tokens": net.tokens,
         "codebook_size": net.codebook_size,
         "latent_shape": list(net.latent_shape),
-        "bits_per_sample": bits,
+        "bits_per_sample": net.bits_per_sample,
     }
-    result: dict[str, Any] = {"info": info, "latent": latent}
-    result["usage"] = {
+    if ev.windows is not None:
+        info["windows"] = int(sum(ev.windows))
+    result: dict[str, Any] = {"info": info, "latent": latent, "usage": _usage(ev, q["ids"])}
+    summary: dict[str, Any] = {
+        "items": n,
+        "bits_per_sample": net.bits_per_sample,
+        "latent_mse_std_without_rectifier": latent["mse_std_without_rectifier"],
+        "latent_mse_std_with_rectifier": latent["mse_std_with_rectifier"],
+    }
+    return result, summary
+
+
+def _usage(ev: _Eval, ids_nt: torch.Tensor) -> dict[str, Any]:
+    net = ev.net
+    usage = M.usage_stats(ids_nt, net.codebook_size)
+    out: dict[str, Any] = {
         "mean_usage": usage["mean_usage"],
         "mean_perplexity": usage["mean_perplexity"],
         "perplexity_over_K": usage["mean_perplexity"] / net.codebook_size,
@@ -224,70 +282,77 @@ def evaluate(
             "entropy_nats": usage["entropy"].tolist(),
             "dead": usage["dead"].tolist(),
         },
-        "note": f"over the {n} evaluation items only: with few items many codes are unused by construction",
+        "note": f"over the {ids_nt.shape[0]} evaluated latents only: with few, many codes are unused by "
+        "construction",
+        "counts": M.code_counts(ids_nt, net.codebook_size),
     }
-    train_usage = {}
     try:
-        train_usage = {
-            k: v.tolist() if torch.is_tensor(v) else v for k, v in net.quantizer.usage_stats().items()
-        }
+        train = {k: v.tolist() if torch.is_tensor(v) else v for k, v in net.quantizer.usage_stats().items()}
     except Exception as err:  # pragma: no cover - informative only
-        notes.append(f"quantizer.usage_stats() failed: {err}")
-    if train_usage:
-        result["usage"]["training_counters"] = train_usage
-    figures: dict[str, str] = {}
-    summary: dict[str, Any] = {
-        "items": n,
-        "bits_per_sample": bits,
-        "latent_mse_std_without_rectifier": latent["mse_std_without_rectifier"],
-        "latent_mse_std_with_rectifier": latent["mse_std_with_rectifier"],
-    }
+        ev.notes.append(f"quantizer.usage_stats() failed: {err}")
+        train = {}
+    if train:
+        out["training_counters"] = train
+    return out
 
-    # ---------------------------------------------------------------- decode
-    if tok is not None:
-        dec_vae, dec_tok, dec_q = [], [], []
-        with torch.no_grad():
-            for sl in _batches(n, batch_size):
-                dec_vae.append(tok.vae.decode(z_all[sl].to(dev)).cpu())
-                dec_tok.append(tok.vae.decode(rec_all[sl].to(dev)).cpu())
-                dec_q.append(tok.vae.decode(q_raw_all[sl].to(dev)).cpu())
-        x_vae, x_tok, x_q = torch.cat(dec_vae), torch.cat(dec_tok), torch.cat(dec_q)
-        log(f"[eval] decoded VAE-only and tokenized reconstructions ({time.perf_counter() - t0:.1f}s)")
-        if tok.modality == "image":
-            _image_metrics(result, summary, figures, notes, out_dir, x_in, x_vae, x_tok, x_q, grid_items)
-            h, w = x_vae.shape[-2:]
-            info["bits_per_pixel"] = bits / (h * w)
-            summary["bits_per_pixel"] = info["bits_per_pixel"]
-        else:
-            _audio_metrics(
-                result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log
-            )
-            info["bits_per_second"] = bits / (tok.clip_samples / tok.sample_rate)
-            summary["bits_per_second"] = info["bits_per_second"]
-    summary["usage_mean"] = result["usage"]["mean_usage"]
-    summary["perplexity_over_K"] = result["usage"]["perplexity_over_K"]
-    summary["entropy_bits_per_token"] = result["usage"]["entropy_bits"]
 
-    # ---------------------------------------------------------------- figures + report
-    figures["usage"] = R.save_usage(
-        counts, out_dir / "usage.png", title=f"{info['quantizer']} T={net.tokens} K={net.codebook_size}"
-    ).name
-    csv_path = R.find_metrics_csv(run_dir)
+def _decoded_metrics(ev, q, result, summary, figures, grid_items, audio_items) -> None:
+    """Decode VAE-only and tokenized latents; image or audio metrics and figures."""
+    tok, bits = ev.tok, ev.net.bits_per_sample
+    info = result["info"]
+    if tok.modality == "audio" and ev.windows is not None:
+        _audio_files(ev, q, result, summary, figures, audio_items)
+        seconds = sum(w.numel() for w in ev.data.waves) / tok.sample_rate
+        info["bits_per_second"] = bits * info["windows"] / seconds
+        summary["bits_per_second"] = info["bits_per_second"]
+        return
+    x_vae, x_tok, x_q = (_decode_all(ev, z) for z in (ev.data.latents, q["rec"], q["q_raw"]))
+    ev.log(f"[eval] decoded VAE-only and tokenized reconstructions ({time.perf_counter() - ev.t0:.1f}s)")
+    if tok.modality == "image":
+        _image_metrics(result, summary, figures, ev.notes, ev.out_dir, ev.x_in, x_vae, x_tok, x_q, grid_items)
+        h, w = x_vae.shape[-2:]
+        info["bits_per_pixel"] = bits / (h * w)
+        summary["bits_per_pixel"] = info["bits_per_pixel"]
+    else:  # audio latent shards: one window each, no originals
+        _audio_metrics(
+            result, summary, figures, ev.notes, ev.out_dir, tok, None, x_vae, x_tok, None, audio_items, ev.log
+        )
+        info["bits_per_second"] = bits / (tok.clip_samples / tok.sample_rate)
+        summary["bits_per_second"] = info["bits_per_second"]
+
+
+def _decode_all(ev: _Eval, z: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(
+            [ev.tok.vae.decode(z[sl].to(ev.dev)).cpu() for sl in _batches(len(z), ev.batch_size)]
+        )
+
+
+def _finish(ev: _Eval, result: dict[str, Any], summary: dict[str, Any], figures: dict[str, str]) -> dict:
+    """Usage and curve figures, metrics.json and report.md."""
+    info, usage = result["info"], result["usage"]
+    summary["usage_mean"] = usage["mean_usage"]
+    summary["perplexity_over_K"] = usage["perplexity_over_K"]
+    summary["entropy_bits_per_token"] = usage["entropy_bits"]
+    counts = usage.pop("counts")
+    title = f"{info['quantizer']} T={ev.net.tokens} K={ev.net.codebook_size}"
+    figures["usage"] = R.save_usage(counts, ev.out_dir / "usage.png", title=title).name
+    csv_path = R.find_metrics_csv(ev.run_dir)
     if csv_path is not None:
-        p = R.save_curves(csv_path, out_dir / "curves.png")
+        p = R.save_curves(csv_path, ev.out_dir / "curves.png")
         if p is not None:
             figures["curves"] = p.name
             result["training_csv"] = str(csv_path)
     else:
-        notes.append("No training-metrics CSV found next to the model: curves.png not written.")
-    notes.append(LPIPS_FID_NOTE)
-    result["summary"] = summary
-    result["figures"] = figures
-    result["notes"] = notes
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    R.write_json(out_dir / "metrics.json", result)
-    R.write_report(out_dir, result, figures, notes)
-    log(f"[eval] wrote {out_dir / 'metrics.json'} and {out_dir / 'report.md'} ({result['seconds']}s)")
+        ev.notes.append("No training-metrics CSV found next to the model: curves.png not written.")
+    ev.notes.append(LPIPS_FID_NOTE)
+    result.update(summary=summary, figures=figures, notes=ev.notes)
+    result["seconds"] = round(time.perf_counter() - ev.t0, 2)
+    R.write_json(ev.out_dir / "metrics.json", result)
+    R.write_report(ev.out_dir, result, figures, ev.notes)
+    ev.log(
+        f"[eval] wrote {ev.out_dir / 'metrics.json'} and {ev.out_dir / 'report.md'} ({result['seconds']}s)"
+    )
     return result
 
 
@@ -319,6 +384,61 @@ def _image_metrics(result, summary, figures, notes, out_dir, x_in, x_vae, x_tok,
     figures["grid"] = R.save_grid(rows, out_dir / "grid.png", max_cols=grid_items).name
 
 
+def _audio_files(ev: _Eval, q, result, summary, figures, audio_items) -> None:
+    """Audio files scored whole: every window decoded, reassembled by overlap-add and vocoded at the file's
+    full length; metrics per file (``result["files"]``) and over all files."""
+    tok, data, sr = ev.tok, ev.data, ev.tok.sample_rate
+    mel = tok.input_kind == "mel"
+    dec_vae = tok.decode_latent_windows(list(data.latents.split(ev.windows)), ev.batch_size)
+    dec_tok = tok.decode_latent_windows(list(q["rec"].split(ev.windows)), ev.batch_size)
+    ev.log(f"[eval] decoded {len(data.waves)} whole files ({time.perf_counter() - ev.t0:.1f}s); vocoding")
+    files, mel_err = [], {"vae_only": [0.0, 0], "tokenized": [0.0, 0]}
+    for i, wave in enumerate(data.waves):
+        n = wave.numel()
+        row: dict[str, Any] = {"name": data.names[i], "seconds": n / sr, "windows": ev.windows[i]}
+        row["ids"] = ev.windows[i] * tok.tokens
+        waves = {
+            "vae_only": tok._output_to_wave(dec_vae[i], n),
+            "tokenized": tok._output_to_wave(dec_tok[i], n),
+        }
+        if mel:
+            mel_in = tok.vae.front_end(wave.to(ev.dev)).cpu()
+            frames = mel_in.shape[-1]
+            for name, y in (("vae_only", dec_vae[i]), ("tokenized", dec_tok[i])):
+                err = (y[:, :frames] - mel_in).pow(2)
+                row[f"mel_mse_{name}"] = err.mean().item()
+                mel_err[name][0] += err.sum().item()
+                mel_err[name][1] += err.numel()
+            waves["vocoder_only"] = tok.postprocess(mel_in[None].to(ev.dev), length=n)[0].cpu()
+            if i == 0:
+                keep = 4 * int(tok.vae.input_shape[-1])  # at most 4 windows: a readable figure
+                rows = [("original", mel_in[:, :keep]), ("VAE only", dec_vae[i][:, :keep])]
+                rows.append(("tokenized", dec_tok[i][:, :keep]))
+                figures["mel"] = R.save_mels(rows, ev.out_dir / "mel.png").name
+        for name, w in waves.items():
+            row[f"stoi_{name}"] = _stoi(wave[None], w[None].cpu(), sr)
+            row[f"snr_db_{name}"] = M.snr(wave[None], w[None].cpu()).item()
+        files.append(row)
+        if i < audio_items:
+            figures[f"original_{i}"] = save_wav(ev.out_dir / f"original_{i}.wav", wave, sr).name
+            for name in ("vae_only", "tokenized"):
+                figures[f"{name}_{i}"] = save_wav(ev.out_dir / f"{name}_{i}.wav", waves[name], sr).name
+    result["files"] = files
+    result["audio"] = {"reference": "original audio, whole files (every window, reassembled)"}
+    for key in [k for k in files[0] if k.startswith(("stoi_", "snr_db_"))]:
+        vals = [f[key] for f in files if not math.isnan(f[key])]
+        summary[key] = result["audio"][key] = float(sum(vals) / len(vals)) if vals else math.nan
+    for name, (total, count) in mel_err.items():
+        if count:
+            summary[f"mel_mse_{name}"] = result["audio"][f"mel_mse_{name}"] = total / count
+    summary["seconds_of_audio"] = sum(f["seconds"] for f in files)
+    if mel:
+        ev.notes.append(
+            f"Waveforms are vocoded from mels with {tok.vocoder.spec}; 'vocoder_only' (the original mel "
+            "vocoded) is the ceiling any mel tokenizer can reach with it. Files are scored whole."
+        )
+
+
 def _ssim(x: torch.Tensor, y: torch.Tensor) -> float:
     win = 11 if min(x.shape[-2:]) >= 11 else (min(x.shape[-2:]) // 2) * 2 - 1
     return M.ssim(x.clamp(0, 1), y.clamp(0, 1), window_size=max(win, 1)).item()
@@ -327,8 +447,6 @@ def _ssim(x: torch.Tensor, y: torch.Tensor) -> float:
 def _audio_metrics(
     result, summary, figures, notes, out_dir, tok, x_in, x_vae, x_tok, waves_in, audio_items, log
 ) -> None:
-    from revq_ray.vae.audio import save_wav
-
     aud: dict[str, Any] = {}
     if x_in is not None:
         f = min(x_in.shape[-1], x_vae.shape[-1], x_tok.shape[-1])
@@ -429,6 +547,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="VAE spec (diffusers:<dir|id>, taesd:<dir>, builtin:<dir>); "
         "default: from the bundle/run/manifest",
     )
+    p.add_argument(
+        "--vocoder",
+        default=None,
+        help="mel VAEs: griffin-lim or vocos:<dir-or-hub-id> (default: the VAE's own, griffin-lim unless it "
+        "was trained with vocos)",
+    )
     p.add_argument("--limit", type=int, default=512, help="evaluate at most N items (0 = all; default 512)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
@@ -448,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             device=args.device,
             grid_items=args.grid,
+            vocoder=args.vocoder,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"revq-ray eval: error: {err}", file=sys.stderr)

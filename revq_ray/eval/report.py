@@ -269,6 +269,13 @@ def write_report(
         lines += ["| metric | value |", "|---|---|"]
         lines += [f"| {k} | {format_value(v)} |" for k, v in table.items()]
         lines.append("")
+    files = metrics.get("files") or []
+    if files:  # audio scored whole: one row per file
+        cols = [k for k in files[0] if k != "name"]
+        lines += ["## per file", "", "| file | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        fmt = format_value
+        lines += [f"| {f['name']} | " + " | ".join(fmt(f.get(c)) for c in cols) + " |" for f in files]
+        lines.append("")
     captions = {
         "grid": "Rows: originals (when the input is media), VAE-only reconstructions, tokenized "
         "reconstructions.",

@@ -245,7 +245,7 @@ def setup(config: dict[str, Any]) -> Run:
     model.set_reduce_fn(coll.sum_)
     engine, group_names = eng.build_engine(model, cfg.train, world)
     if rank == 0:
-        _log(f"worker setup (model, codebook init, DeepSpeed engine) in {time.perf_counter() - t0:.1f}s")
+        _log(f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s")
     state = _restore(engine, rank, world)
     reset_cfg = cfg.model.quantizer.reset
     schedule = Schedule(

@@ -1,8 +1,9 @@
 """Audio front end: waveform <-> normalized log-mel spectrogram, file reading and fixed-length crops.
 
 The published audio setting (METHODS.md, "Audio") is 22,050 Hz, n_fft 1024, hop 256, 80 mels. The mel
-filterbank follows the HiFi-GAN convention (magnitude spectrogram, Slaney mel scale and area norm, f_max
-8 kHz) so that a mel made here could later be fed to a neural vocoder trained that way.
+filterbank follows the HiFi-GAN convention by default (magnitude spectrogram, Slaney mel scale and area
+norm, f_max 8 kHz); ``mel_scale="htk", norm=None, f_max=None`` is Vocos' convention, which
+:func:`revq_ray.vae.vocoder.front_end_for` sets up from a Vocos config so its vocoder can read our mels.
 
 Normalization uses **fixed constants**, never data statistics, so that every file, every worker and every
 later run map audio to the same numbers::
@@ -50,6 +51,8 @@ class MelFrontEnd(nn.Module):
         f_max: float | None = 8000.0,
         log_floor: float = 1e-5,
         log_max: float = 2.0,
+        mel_scale: str = "slaney",
+        norm: str | None = "slaney",
     ):
         super().__init__()
         import torchaudio
@@ -58,6 +61,10 @@ class MelFrontEnd(nn.Module):
             raise ValueError(f"MelFrontEnd: hop={hop}, n_fft={n_fft}, n_mels={n_mels} must all be positive")
         if f_max is not None and f_max > sample_rate / 2:
             raise ValueError(f"MelFrontEnd: f_max={f_max} is above Nyquist ({sample_rate / 2}); lower f_max")
+        if mel_scale not in ("slaney", "htk") or norm not in ("slaney", None):
+            raise ValueError(
+                f"MelFrontEnd: mel_scale={mel_scale!r} (slaney or htk) / norm={norm!r} (slaney or None)"
+            )
         if not 0 < log_floor < math.exp(log_max):
             raise ValueError(f"MelFrontEnd: need 0 < log_floor={log_floor} < exp(log_max={log_max})")
         self.sample_rate = int(sample_rate)
@@ -69,6 +76,7 @@ class MelFrontEnd(nn.Module):
         self.f_max = None if f_max is None else float(f_max)
         self.log_floor = float(log_floor)
         self.log_max = float(log_max)
+        self.mel_scale, self.norm = mel_scale, norm
         log_min = math.log(self.log_floor)
         self.center = (log_min + self.log_max) / 2
         self.half_range = (self.log_max - log_min) / 2
@@ -81,8 +89,8 @@ class MelFrontEnd(nn.Module):
             f_max=self.f_max,
             n_mels=self.n_mels,
             power=1.0,
-            norm="slaney",
-            mel_scale="slaney",
+            norm=self.norm,
+            mel_scale=self.mel_scale,
             center=True,
             pad_mode="reflect",
         )
@@ -99,6 +107,8 @@ class MelFrontEnd(nn.Module):
             "f_max": self.f_max,
             "log_floor": self.log_floor,
             "log_max": self.log_max,
+            "mel_scale": self.mel_scale,
+            "norm": self.norm,
         }
 
     def num_frames(self, n_samples: int) -> int:
@@ -136,8 +146,8 @@ class MelFrontEnd(nn.Module):
             sample_rate=self.sample_rate,
             f_min=self.f_min,
             f_max=self.f_max,
-            norm="slaney",
-            mel_scale="slaney",
+            norm=self.norm,
+            mel_scale=self.mel_scale,
         ).to(mel.device)
         gl = torchaudio.transforms.GriffinLim(
             n_fft=self.n_fft,

@@ -152,6 +152,8 @@ class MelVAE(
         width: channels of the 1D stages.
         latent_channels: C of the latent.
         front_end: :meth:`MelFrontEnd.config` kwargs the model was trained with (default: ``MelFrontEnd()``).
+        vocoder: how its mels become waveforms by default: ``griffin-lim`` (None) or ``vocos:<dir-or-id>``
+            (:mod:`revq_ray.vae.vocoder`; the front end must then be the vocoder's, ``front_end_for``).
     """
 
     modality = "audio"
@@ -164,8 +166,10 @@ class MelVAE(
         width: int = 256,
         latent_channels: int = 16,
         front_end: dict[str, Any] | None = None,
+        vocoder: str | None = None,
     ):
         super().__init__()
+        self.vocoder = vocoder
         self.front_end_config = dict(front_end) if front_end else MelFrontEnd(n_mels=n_mels).config()
         if int(self.front_end_config.get("n_mels", n_mels)) != n_mels:
             raise ValueError(
@@ -250,6 +254,7 @@ class BuiltinVAE(FrozenAdapter):
             self.latent_shape = (model.latent_channels, size // model.factor, size // model.factor)
         else:
             self.input_kind = "mel"
+            self.vocoder_spec = getattr(model, "vocoder", None) or "griffin-lim"
             self.front_end = model.make_front_end().to(self.device)
             self.sample_rate = self.front_end.sample_rate
             frames = model.frames

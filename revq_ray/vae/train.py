@@ -52,6 +52,11 @@ class VAETrainConfig(Section):
     hop: int = Field(256, ge=1)
     n_mels: int = Field(80, ge=1)
     f_max: float = Field(8000.0, gt=0.0)
+    vocoder: str = Field(
+        "griffin-lim",
+        description="audio: griffin-lim (offline default) or vocos:<dir-or-hub-id>; with vocos the front end "
+        "(sample_rate, n_fft, hop, n_mels, mel scale, f_max) comes from the vocoder so it can read the mels",
+    )
     crop_seconds: float = Field(
         1.5, gt=0.0, description="audio: training crop; frames rounded to a multiple of 4"
     )
@@ -109,10 +114,24 @@ class VAETrainConfig(Section):
             return self.latent_channels * (self.image_size // 8) ** 2
         return self.latent_channels * self.crop_frames() // 4
 
-    def crop_frames(self) -> int:
-        """Training crop in mel frames: crop_seconds rounded to a multiple of 4 (at least 4)."""
-        frames = round(self.crop_seconds * self.sample_rate / self.hop)
+    def crop_frames(self, sample_rate: int | None = None, hop: int | None = None) -> int:
+        """Training crop in mel frames: crop_seconds rounded to a multiple of 4 (at least 4). A vocos
+        vocoder brings its own ``sample_rate`` and ``hop``."""
+        frames = round(self.crop_seconds * (sample_rate or self.sample_rate) / (hop or self.hop))
         return max(4, 4 * round(frames / 4))
+
+
+def _front_end(cfg: VAETrainConfig) -> MelFrontEnd:
+    """The mel front end: the preset's parameters, or the vocos vocoder's (so it can vocode the mels)."""
+    from revq_ray.vae.vocoder import GRIFFIN_LIM, front_end_for, parse_vocoder
+
+    if parse_vocoder(cfg.vocoder)[0] == GRIFFIN_LIM:
+        return MelFrontEnd(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels, f_max=cfg.f_max
+        )
+    fe = front_end_for(cfg.vocoder)
+    _log(f"front end from {cfg.vocoder}: {fe} (sample_rate/n_fft/hop/n_mels/f_max of the preset unused)")
+    return MelFrontEnd(**fe)
 
 
 _log = get_logger("revq_ray.vae").info
@@ -155,8 +174,10 @@ def load_image_set(cfg: VAETrainConfig) -> torch.Tensor:
     return torch.stack(items)
 
 
-def load_audio_set(cfg: VAETrainConfig) -> list[torch.Tensor]:
-    """-> mono waveforms at ``sample_rate``. Unreadable or empty files skipped and counted."""
+def load_audio_set(cfg: VAETrainConfig, sample_rate: int | None = None) -> list[torch.Tensor]:
+    """-> mono waveforms at ``sample_rate`` (default the preset's). Unreadable or empty files skipped and
+    counted."""
+    sample_rate = sample_rate or cfg.sample_rate
     src = Path(cfg.input).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"input={cfg.input!r} does not exist (override with --set input=<path>)")
@@ -164,7 +185,7 @@ def load_audio_set(cfg: VAETrainConfig) -> list[torch.Tensor]:
     waves, skipped = [], 0
     for i, path in enumerate(files):
         try:
-            wave, _ = load_audio(path, cfg.sample_rate)
+            wave, _ = load_audio(path, sample_rate)
             if wave.numel() == 0 or not torch.isfinite(wave).all():
                 raise ValueError("empty or non-finite")
             waves.append(wave)
@@ -174,7 +195,7 @@ def load_audio_set(cfg: VAETrainConfig) -> list[torch.Tensor]:
             _log(f"reading audio: {i + 1}/{len(files)}")
     if not waves:
         raise ValueError(f"input={cfg.input!r}: no readable audio files ({skipped} unreadable)")
-    seconds = sum(w.numel() for w in waves) / cfg.sample_rate
+    seconds = sum(w.numel() for w in waves) / sample_rate
     _log(f"read {len(waves)} audio files ({seconds / 60:.1f} min) from {src} ({skipped} unreadable skipped)")
     return waves
 
@@ -270,17 +291,16 @@ def _model_and_data(cfg: VAETrainConfig, gen: torch.Generator, device: torch.dev
         data = _ImageBatches(load_image_set(cfg), gen)
         model = ImageConvVAE(image_size=cfg.image_size, width=cfg.width, latent_channels=cfg.latent_channels)
     else:
-        front_end = MelFrontEnd(
-            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop=cfg.hop, n_mels=cfg.n_mels, f_max=cfg.f_max
-        ).to(device)
-        frames = cfg.crop_frames()
-        data = _AudioBatches(load_audio_set(cfg), front_end, frames, gen)
+        front_end = _front_end(cfg).to(device)
+        frames = cfg.crop_frames(front_end.sample_rate, front_end.hop)
+        data = _AudioBatches(load_audio_set(cfg, front_end.sample_rate), front_end, frames, gen)
         model = MelVAE(
-            n_mels=cfg.n_mels,
+            n_mels=front_end.n_mels,
             frames=frames,
             width=cfg.width,
             latent_channels=cfg.latent_channels,
             front_end=front_end.config(),
+            vocoder=None if cfg.vocoder == "griffin-lim" else cfg.vocoder,
         )
     return model.to(device).train(), data
 

@@ -79,9 +79,10 @@ def test_eval_audio_folder(tmp_path):
     import torchaudio
 
     ids = tok.encode(torchaudio.functional.resample(waves[0], 16000, 8000), sample_rate=8000)
-    assert ids.shape == (1, 16)
+    n = int(ids.lengths[0])  # at 16 kHz: the whole file, in windows of 128 frames, 16 ids each
+    assert abs(n - waves[0].numel()) <= 2 and ids.item(0).shape == (16 * tok.num_windows(n),)
     wav = tok.decode(ids)
-    assert wav.shape == (1, tok.clip_samples) and float(wav.abs().max()) <= 1.0
+    assert wav.shape == (1, n) and float(wav.abs().max()) <= 1.0
     with pytest.raises(ValueError, match="sample_rate"):
         tok.encode(waves[0])
 
@@ -92,12 +93,19 @@ def test_eval_audio_folder(tmp_path):
     )
     m = json.loads((out / "metrics.json").read_text())
     assert m["info"]["modality"] == "audio" and m["info"]["items"] == 3
+    # whole files: every window of each, metrics per file
+    files = m["files"]
+    assert [f["name"] for f in files] == sorted(p.name for p in audio.iterdir())
+    seconds = [w.numel() / 16000 for w in waves]
+    assert [f["seconds"] for f in files] == pytest.approx(seconds)
+    assert [f["windows"] for f in files] == [tok.num_windows(w.numel()) for w in waves]
+    assert m["info"]["windows"] == sum(f["windows"] for f in files)
     a = m["audio"]
-    for key in ("mel_vae_only", "mel_tokenized"):
-        assert a[key]["mse"] > 0 and a[key]["l1"] > 0
-    for key in ("wave_vocoder_only", "wave_vae_only", "wave_tokenized"):
-        assert np.isfinite(a[key]["snr_db"]) and "stoi" in a[key]
-    assert m["info"]["bits_per_second"] == pytest.approx(64 / (127 * 128 / 16000))
+    for key in ("mel_mse_vae_only", "mel_mse_tokenized"):
+        assert a[key] > 0 and all(f[key] > 0 for f in files)
+    for key in ("vocoder_only", "vae_only", "tokenized"):
+        assert np.isfinite(a[f"snr_db_{key}"]) and all(f"stoi_{key}" in f for f in files)
+    assert m["info"]["bits_per_second"] == pytest.approx(64 * m["info"]["windows"] / sum(seconds))
     for name in ("mel.png", "usage.png", "original_0.wav", "vae_only_0.wav", "tokenized_0.wav"):
         assert (out / name).is_file(), name
     assert "mel.png" in (out / "report.md").read_text()
