@@ -136,7 +136,7 @@ class ModelConfig(Section):
     def _init_from_is_absolute(cls, v: str) -> str:
         # Local paths become absolute (Ray workers do not share the driver's working directory); a hub repo
         # id ("owner/name", not an existing path) stays as it is. Existence and shapes are checked when the
-        # run is planned (revq_ray.published.check_init_from), not here: a saved model keeps this field.
+        # run is planned (revq_ray.published.check_init_from), not here (workers and reloads re-validate).
         v = v.strip()
         if not v or v.startswith("/"):
             return v

@@ -164,10 +164,11 @@ class ReVQModel(
             spatial_dims=len(self.layout.latent_shape) - 1,
         )
         # What save_pretrained writes to config.json: always the full, validated config (so a saved model does
-        # not change meaning if a default changes later), whatever form the caller passed.
+        # not change meaning if a default changes later), whatever form the caller passed. Not init_from: that
+        # is how a training run started, not part of the model (a saved model stands on its own).
         self._hub_mixin_config = {
             "latent_shape": list(self.layout.latent_shape),
-            "model": cfg.model_dump(mode="json"),
+            "model": cfg.model_dump(mode="json", exclude={"init_from"}),
         }
 
     @classmethod

@@ -376,4 +376,5 @@ def test_constructor_accepts_model_config_and_saves_full_config(tmp_path):
     for m, d in [(a, tmp_path / "a"), (b, tmp_path / "b")]:
         m.save_pretrained(d)
         saved = json.loads((d / "config.json").read_text())
-        assert saved["model"] == m.cfg.model_dump(mode="json")  # every field, defaults included
+        # every field, defaults included; not init_from (how a run started, not part of the model)
+        assert saved["model"] == m.cfg.model_dump(mode="json", exclude={"init_from"})
