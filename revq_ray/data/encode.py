@@ -389,7 +389,11 @@ class _Probe:
         }
 
 
-def _probe_vae(vae_spec: str, image_size: int | None, audio_seconds: float | None, logvar: bool | None):
+def _probe_vae(
+    vae_spec: str, image_size: int | None, audio_seconds: float | None, logvar: bool | None, resize: str
+):
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize={resize!r}: choose one of {RESIZE_MODES}")
     probe = _load_vae(vae_spec, "cpu", image_size, None)
     audio_samples = None
     if probe.modality == "audio" and audio_seconds is not None:
@@ -400,7 +404,10 @@ def _probe_vae(vae_spec: str, image_size: int | None, audio_seconds: float | Non
     want_logvar = bool(probe.is_gaussian) if logvar is None else logvar
     if want_logvar and not probe.is_gaussian:
         raise ValueError(f"--logvar: {vae_spec} is not a Gaussian VAE (no posterior); use --no-logvar")
-    return _Probe(encode_settings(probe), list(probe.latent_shape), want_logvar, image_size, audio_samples)
+    settings = encode_settings(probe)
+    if settings["modality"] == "image" and resize != "stretch":  # in the fingerprint: resume sees it
+        settings["resize"] = resize
+    return _Probe(settings, list(probe.latent_shape), want_logvar, image_size, audio_samples)
 
 
 @dataclass
@@ -569,11 +576,7 @@ def encode_to_shards(
     """
     t0 = time.time()
     device = _check_args_and_start(shard_size, batch_size, num_actors, dtype, device)
-    if resize not in RESIZE_MODES:
-        raise ValueError(f"resize={resize!r}: choose one of {RESIZE_MODES}")
-    probe = _probe_vae(vae_spec, image_size, audio_seconds, logvar)
-    if probe.settings["modality"] == "image" and resize != "stretch":  # part of the fingerprint: resume tells
-        probe.settings["resize"] = resize  # the modes apart
+    probe = _probe_vae(vae_spec, image_size, audio_seconds, logvar, resize)
     in_fs, in_root, items, list_skipped = list_sources(input_path, probe.settings["modality"], limit=limit)
     keys = [item_key(i, it, in_root) for i, it in enumerate(items)]
     out_fs, out_root = _fs.resolve(output, filesystem)

@@ -127,20 +127,27 @@ def seed_for(cfg: RunConfig, what: int, index: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------- setup
-def build_model(cfg: RunConfig, plan: RunPlan, init_tokens_ntd: torch.Tensor | None, device: Any) -> Any:
-    """The ReVQModel on ``device``: standardizer from the plan's statistics, codebook initialized (on the
-    CPU, before the move) from ``init_tokens_ntd`` unless None (a checkpoint will be restored)."""
+def build_model(
+    cfg: RunConfig, plan: RunPlan, init_tokens_ntd: torch.Tensor | None, device: Any, *, fresh: bool = True
+) -> Any:
+    """The ReVQModel on ``device``: standardizer from the plan's statistics; on a ``fresh`` run (no
+    checkpoint to restore) every tensor from ``model.init_from`` if set, else the codebook initialized from
+    ``init_tokens_ntd``; all on the CPU, before the move to the device."""
     from revq_ray.core.model import ReVQModel
     from revq_ray.core.stats import RunningStats
 
     torch.manual_seed(cfg.seed)
     model = ReVQModel.from_config(plan.latent_shape, cfg.model)
     model.standardizer.set_stats(RunningStats.from_state_dict(plan.stats))
-    if cfg.model.init_from and init_tokens_ntd is not None:  # fine-tune: every tensor from the saved model
+    if not fresh:
+        pass  # the checkpoint restores every tensor
+    elif cfg.model.init_from:  # fine-tune: every tensor from the saved model
         from revq_ray.published import load_init_weights
 
         load_init_weights(model, cfg.model.init_from, log=_log)
-    elif init_tokens_ntd is not None:
+    elif init_tokens_ntd is None:
+        raise RuntimeError("a fresh run needs a codebook-init sample (RunPlan.init_tokens) or init_from")
+    else:
         t0 = time.perf_counter()
         z = model.layout.to_latent(init_tokens_ntd.to(model.standardizer.mean.dtype))
         gen = torch.Generator().manual_seed(seed_for(cfg, 1, 0))
@@ -239,9 +246,7 @@ def setup(config: dict[str, Any]) -> Run:
     # Every rank gets the same sample from the object store and initializes identically (deterministic);
     # DeepSpeed's initial broadcast of rank 0's parameters then changes nothing.
     init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
-    if not resuming and init is None:
-        raise RuntimeError("no checkpoint to restore and no codebook-init sample in the run plan")
-    model = build_model(cfg, plan, init, device)
+    model = build_model(cfg, plan, init, device, fresh=not resuming)
     model.set_reduce_fn(coll.sum_)
     engine, group_names = eng.build_engine(model, cfg.train, world)
     if rank == 0:

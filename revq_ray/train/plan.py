@@ -177,7 +177,7 @@ def plan_run(
         else str(Path(storage) / name)
     )
     init_ref, init_info = (None, None)
-    if not _has_checkpoint(storage, name):
+    if not cfg.model.init_from and not _has_checkpoint(storage, name):  # init_from brings its own codebook
         init_ref, init_info = draw_init_tokens(cfg, manifest)
     _log(
         f"data {cfg.data.shards}: {train_count} train / {val_count} val latents of shape "

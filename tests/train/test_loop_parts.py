@@ -94,6 +94,9 @@ def test_model_is_initialized_on_the_cpu_then_moved(tmp_path):
     rows = set(map(tuple, cpu.quantizer.codebook[0].tolist()))
     std_tokens = cpu.layout.to_tokens(cpu.standardizer(cpu.layout.to_latent(tokens)))
     assert rows <= set(map(tuple, std_tokens[:, 0].tolist()))
+    with pytest.raises(RuntimeError, match="codebook-init sample"):
+        build_model(_cfg(), plan, None, torch.device("cpu"))
+    build_model(_cfg(), plan, None, torch.device("cpu"), fresh=False)  # a checkpoint will restore it
 
 
 def test_counts_are_reduced_once_per_reset_and_never_at_plain_log_steps():
