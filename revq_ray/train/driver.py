@@ -74,7 +74,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
         # The dashboard (on 127.0.0.1; another free port when 8265 is taken) serves the state API that Ray
         # Train's placement-group cleaner polls: without it the driver log fills with its warnings.
-        ray.init(num_cpus=n)
+        ray.init(address="local", num_cpus=n)  # "local": never the last `ray start` cluster here
         _log(f"started a local Ray with {n} logical CPUs")
 
 
