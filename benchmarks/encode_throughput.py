@@ -95,7 +95,12 @@ def main() -> None:
         rows = []
         secs = _direct(input_path, spec, args.n, args.batch_size)
         rows.append({"mode": "direct (1 process, no Ray)", "actors": 0, "items": args.n, "seconds": secs})
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=max(4, os.cpu_count() or 1),
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
         for k in args.actors:
             t0 = time.perf_counter()

@@ -40,7 +40,13 @@ def _child(shards: str, batch_size: int, buffer: int) -> None:
     from revq_ray.data.reader import latent_dataset
     from revq_ray.data.shards import read_manifest
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, object_store_memory=512 * MIB)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=512 * MIB,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     me = psutil.Process()
     base_driver = me.memory_info().rss

@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="revq_bench_"))
     shards = tmp / "shards"
     write_synthetic_shards(shards, args.items, (32, 8, 8), shard_size=512, seed=args.seed)
-    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False
+    )
     rows = []
     try:
         for w in args.workers:

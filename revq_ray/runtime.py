@@ -165,6 +165,7 @@ def init_ray(
     # The dashboard (another free port when 8265 is taken) serves the state API that Ray Train's
     # placement-group cleaner polls: without it the driver log fills with its warnings.
     ray.init(
+        address="local",  # a new instance: never the last `ray start` cluster on this machine
         num_cpus=n,
         include_dashboard=include_dashboard,
         dashboard_host="127.0.0.1",

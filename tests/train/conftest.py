@@ -22,7 +22,9 @@ def _encode_fmnist(out: Path) -> None:
 
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         started = True
     try:
         encode_to_shards(
