@@ -133,10 +133,13 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
     state = TrainerState.from_json(Path(ckpt_dir, STATE_FILE).read_text())
     same_world = state.world_size == world_size
     if not same_world and rank == 0:
-        print(
-            f"[revq_ray.train] checkpoint was written by {state.world_size} workers, now {world_size}: "
-            "loading the model only; optimizer moments start from zero",
-            flush=True,
+        from revq_ray.runtime import get_logger
+
+        get_logger("revq_ray.train").warning(
+            "checkpoint was written by %d workers, now %d: loading the model only; optimizer moments start "
+            "from zero",
+            state.world_size,
+            world_size,
         )
     with weights_only_loads(engine):
         path, _ = engine.load_checkpoint(
