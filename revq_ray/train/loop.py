@@ -430,7 +430,8 @@ def finish(run: Run) -> None:
 
         out = run_dir / "ranks"
         out.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().to("cpu", copy=True) for k, v in run.module.state_dict().items()
+        # contiguous: channels_last conv weights (the default at ZeRO 0) are strided, safetensors refuses them
+        sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in run.module.state_dict().items()
               if k != "quantizer.counts"}  # fmt: skip
         safetensors.torch.save_file(sd, str(out / f"rank{run.rank}.safetensors"))
     run.reporter.close()
