@@ -82,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import math
     import os
 
-    from revq_ray.data.encode import check_result, encode_to_shards
+    from revq_ray.data.encode import READER_CPUS, check_result, encode_to_shards
     from revq_ray.runtime import init_ray
 
-    # Joins $RAY_ADDRESS, else a local Ray sized like Ray's default (one logical CPU per core).
-    init_ray(num_cpus=args.num_cpus or os.cpu_count(), include_dashboard=False)
+    # Joins $RAY_ADDRESS, else a local Ray sized like Ray's default (one logical CPU per core), with room for
+    # a reader beside the VAE actors (without it Ray Data never schedules a read and waits forever).
+    need = math.ceil(args.num_actors * args.cpus_per_actor) + READER_CPUS
+    init_ray(num_cpus=args.num_cpus or max(os.cpu_count() or 1, need), include_dashboard=False)
     try:
         result = encode_to_shards(
             args.input,

@@ -55,6 +55,7 @@ from revq_ray.vae.images import RESIZE_MODES
 MIN_CROP_FRACTION = 0.25
 SHORT_CLIP_FRACTION = 0.5  # a clip shorter than this fraction of one crop is mostly padding: flagged
 _DECODE_CHUNK = 64  # decoded items per output block of a read task (keeps blocks small for big images)
+READER_CPUS = 1  # CPUs each read (decode) task reserves; the actors must leave at least this much
 
 
 _log = get_logger("revq_ray.encode").info
@@ -575,7 +576,7 @@ def encode_to_shards(
             it such a directory is refused before anything is written.
     """
     t0 = time.time()
-    device = _check_args_and_start(shard_size, batch_size, num_actors, dtype, device)
+    device = _check_args_and_start(shard_size, batch_size, num_actors, dtype, device, cpus_per_actor)
     probe = _probe_vae(vae_spec, image_size, audio_seconds, logvar, resize)
     in_fs, in_root, items, list_skipped = list_sources(input_path, probe.settings["modality"], limit=limit)
     keys = [item_key(i, it, in_root) for i, it in enumerate(items)]
@@ -611,8 +612,11 @@ def encode_to_shards(
     return result
 
 
-def _check_args_and_start(shard_size: int, batch_size: int, num_actors: int, dtype: str, device: str) -> str:
-    """Validate the arguments, start Ray if needed, and resolve ``device="auto"``."""
+def _check_args_and_start(
+    shard_size: int, batch_size: int, num_actors: int, dtype: str, device: str, cpus_per_actor: float = 1.0
+) -> str:
+    """Validate the arguments, start Ray if needed, resolve ``device="auto"``, and check that the CPU actors
+    leave a CPU for the readers (else Ray Data waits forever, silently: seen with 2 actors on 2 cores)."""
     import ray
 
     if shard_size < 1 or batch_size < 1 or num_actors < 1:
@@ -623,10 +627,18 @@ def _check_args_and_start(shard_size: int, batch_size: int, num_actors: int, dty
         raise ValueError(f"dtype={dtype!r}: choose one of {DTYPES}")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={device!r}: choose auto, cpu or cuda")
-    # Ray's own default size (one logical CPU per core): encoding reserves its actors' CPUs itself.
-    init_ray(num_cpus=os.cpu_count())
+    # Ray's own default size (one logical CPU per core), plus room for one reader beside the actors.
+    init_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(num_actors * cpus_per_actor) + READER_CPUS))
     if device == "auto":
         device = "cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu"
+    total = ray.cluster_resources().get("CPU", 0)
+    needed = READER_CPUS + (0 if device == "cuda" else num_actors * cpus_per_actor)
+    if total < needed:
+        raise ValueError(
+            f"num_actors={num_actors} x cpus_per_actor={cpus_per_actor} leave no CPU for the readers on this "
+            f"Ray ({total:g} CPUs; the actors and one reader need {needed:g}): lower --num-actors / "
+            "--cpus-per-actor, or start Ray with more logical CPUs (--num-cpus)"
+        )
     return device
 
 
@@ -654,7 +666,7 @@ def _run_pipeline(
         batch_size=1,
         batch_format="numpy",
         fn_kwargs={"fs": in_fs, "settings": settings},
-        num_cpus=1,
+        num_cpus=READER_CPUS,
         # Decode tasks run many at once: one thread each. Remote args the actors do not share also keep Ray
         # Data from fusing the read into the VAE actors, so decoding stays in its own parallel tasks,
         # pipelined with encoding, instead of running serially inside each actor.

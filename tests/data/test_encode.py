@@ -256,3 +256,11 @@ def test_idx_through_cli_with_taef2(ray_local, shared_dir, tmp_path):
     for i in range(12):
         np.testing.assert_allclose(rows[f"{i:08d}"]["latent"], z[i].numpy(), rtol=1e-4, atol=1e-4)
     assert main(["--input", str(tmp_path / "nothing"), "--vae", spec, "--output", str(out)]) == 2
+
+
+def test_actors_that_leave_no_cpu_for_readers_are_refused(ray_local, image_vae, image_dir, tmp_path):
+    # 8 one-CPU actors on this 8-CPU Ray would leave no CPU for a read task: Ray Data would wait forever,
+    # silently (seen: `revq-ray encode --num-actors 2` on a 2-core machine). It must fail at once instead.
+    with pytest.raises(ValueError, match=r"num_actors=8 x cpus_per_actor=1.0 leave no CPU.*--num-cpus"):
+        encode_to_shards(str(image_dir), image_vae, str(tmp_path / "out"), num_actors=8, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -105,3 +105,47 @@ def test_miniature_compare(tmp_path, ray_local, capsys):
     assert "| revq |" in printed and "| gq |" in printed
     assert (out / "compare.png").stat().st_size > 10_000
     assert "compare.png" in (out / "compare.md").read_text()
+
+
+ROOT = Path(__file__).resolve().parents[2]
+N_FMNIST = 1280  # real latents: 1,024 to train on, 256 held out (about a minute to encode)
+
+
+@pytest.mark.shared
+def test_tuned_revq_beats_plain_vq_on_fashion_mnist(shared_dir, ray_local, tmp_path):
+    """At equal bits (2,048 per image) on real latents (Fashion-MNIST through the pre-trained taef2), ReVQ
+    with the study's recipe (configs/fashion_mnist_2048.yaml) reaches a lower held-out latent MSE than plain
+    VQ (no reset, no rectifier) trained the same way for the same steps."""
+    import os
+    import tempfile
+
+    from revq_ray.data.encode import encode_to_shards
+
+    cache = Path(os.environ.get("REVQ_TEST_CACHE", Path(tempfile.gettempdir()) / "revq_ray_test_cache"))
+    shards = cache / f"fmnist_taef2_{N_FMNIST}_s256"
+    if not (shards / "manifest.json").is_file():
+        encode_to_shards(
+            str(shared_dir / "data" / "fashion-mnist" / "train-images-idx3-ubyte.gz"),
+            f"taesd:{shared_dir / 'models' / 'taef2'}", str(shards), limit=N_FMNIST, image_size=64,
+            shard_size=256, batch_size=128, progress=False,
+        )  # fmt: skip
+    out = tmp_path / "cmp"
+    steps = 120
+    rc = C.main(
+        [
+            "--shards", str(shards), "--bits", "2048",
+            "--config", str(ROOT / "configs" / "fashion_mnist_2048.yaml"),
+            "--steps", str(steps), "--output", str(out), "--rows", "revq,vq",
+            "--set", "data.val_items=256", "--set", f"train.val_every={steps}", "--set", "train.log_every=40",
+            "--set", f"train.checkpoint_every={steps}",
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    with open(out / "compare.csv") as f:
+        by = {r["name"]: r for r in csv.DictReader(f)}
+    revq, vq = by["revq"], by["vq"]
+    assert revq["status"] == vq["status"] == "ok"
+    assert float(revq["bits_per_sample"]) == float(vq["bits_per_sample"]) == 2048.0
+    assert int(revq["steps"]) == int(vq["steps"]) == steps
+    # The held-out latent MSE (standardized units): the rectified ReVQ latent must beat plain VQ clearly.
+    assert float(revq["val_mse"]) < 0.9 * float(vq["val_mse"]), (revq["val_mse"], vq["val_mse"])
