@@ -130,7 +130,7 @@ def evaluate(
     ev = _setup(model, input, output, vae, limit, device, run_dir, log, vocoder)
     ev.batch_size = batch_size
     if perceptual:
-        ev.perc = Perceptual(metric_weights, download, ev.dev, batch_size, pesq_mode)
+        ev.perc = Perceptual(metric_weights, download, ev.dev, batch_size, pesq_mode, log=log)
     _encode_media(ev)
     q = _quantize(ev)
     result, summary = _latent_and_usage(ev, q)
@@ -410,6 +410,9 @@ def _perceptual_images(ev: _Eval, img: dict[str, Any], summary: dict[str, Any], 
         return
     t = time.perf_counter()
     pm.load_image_nets()
+    if pm.fid_net is None and pm.lpips_net is None:
+        ev.log("[eval] rFID and LPIPS skipped: no weights (see the notes)")
+        return
     if ev.x_in is not None:
         ref, suffix, names = ev.x_in, "", ("vae_only", "tokenized", "tokenized_without_rectifier")
     else:

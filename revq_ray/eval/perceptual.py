@@ -84,7 +84,11 @@ def hub_checkpoints() -> Path:
 
 
 def locate_weights(
-    wf: WeightsFile, weights_dir: str | Path | None = None, download: bool = True, timeout_s: float = 5.0
+    wf: WeightsFile,
+    weights_dir: str | Path | None = None,
+    download: bool = True,
+    timeout_s: float = 5.0,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[Path | None, str]:
     """(path, "") when ``wf`` is found or downloaded, else (None, a one-line note saying what is missing,
     where it looked and how to provide it). A failed download gives up within about ``timeout_s``."""
@@ -104,6 +108,8 @@ def locate_weights(
         why = "downloads are off (--no-download)"
     else:
         try:
+            if log is not None:
+                log(f"[eval] downloading {wf.url} -> {cache} (for {wf.what}; --no-download to skip)")
             return download_weights(wf, cache / wf.name, timeout_s), ""
         except Exception as err:
             why = f"the download from {wf.url} failed ({type(err).__name__}: {err})"
@@ -320,12 +326,17 @@ class Perceptual:
     device: str | torch.device = "cpu"
     batch_size: int = 64
     pesq_mode: str = "wb"
+    log: Callable[[str], None] | None = None
     fid_net: FeatureNet | None = None
     lpips_net: torch.nn.Module | None = None
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
     pesq_failed: int = 0
     pesq_scored: int = 0
+
+    def __post_init__(self) -> None:
+        if self.pesq_mode not in ("wb", "nb"):
+            raise ValueError(f"pesq_mode={self.pesq_mode!r}: expected 'wb' (wide-band) or 'nb' (narrow-band)")
 
     def load_image_nets(self) -> None:
         """Find the weights and build the rFID and LPIPS networks (each left None, with a note, when its
@@ -335,7 +346,7 @@ class Perceptual:
             if getattr(self, attr) is not None:
                 self.info[f"{metric}_weights"] = "given"
                 continue
-            path, note = locate_weights(wf, self.weights_dir, self.download)
+            path, note = locate_weights(wf, self.weights_dir, self.download, log=self.log)
             if path is None:
                 self.notes.append(note)
                 continue

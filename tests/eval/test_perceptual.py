@@ -154,6 +154,8 @@ def test_pesq_identical_high_noisy_lower_unscorable_counted():
     assert "1 of 2 clips" in pm.pesq_note()
     with pytest.raises(ValueError, match="PESQ mode"):
         P.pesq_clip(wave, wave, sr, mode="xx")
+    with pytest.raises(ValueError, match="pesq_mode"):
+        P.Perceptual(pesq_mode="xx")  # refused before any eval work, not per clip
 
 
 @pytest.mark.core
@@ -242,7 +244,7 @@ def test_eval_latent_shards_rfid_against_vae_only(tiny_assets, weights_dir, tmp_
     from revq_ray.eval.evaluate import evaluate
 
     shards = tmp_path / "shards"
-    z = tiny_assets["latents"].numpy()[:6]
+    z = tiny_assets["latents"].numpy()[:4]
     with ShardWriter(shards, shard_size=16) as w:
         w.write_batch([f"{i:04d}" for i in range(len(z))], z)
     w.manifest(vae=tiny_assets["vae_spec"], modality="image").save(shards)
