@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,11 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test downloads anything: metric weights (rFID/LPIPS) are never fetched, and the user's torch hub cache
+# is swapped for an empty one, so evals score the same (metrics absent, noted) on every machine. Tests that
+# exercise the metrics build their own weights (tests/eval/test_perceptual.py).
+os.environ["REVQ_OFFLINE"] = "1"
+os.environ["TORCH_HOME"] = str(Path(tempfile.gettempdir()) / "revq_ray_tests_torch_home")
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,10 @@ folder/file, an IDX file (``*-idx3-ubyte[.gz]``) or an audio folder/file. The VA
 from the bundle, else from the run's saved config, else from the shards' manifest. With latent shards alone
 the originals are unknown, so decoded metrics compare the tokenized decode with the VAE-only decode.
 
+rFID and LPIPS (images) and PESQ (speech) come from :mod:`revq_ray.eval.perceptual` whenever their weights
+are available (``--metric-weights DIR``, the torch hub cache, or a download unless ``--no-download`` /
+``REVQ_OFFLINE=1``); a note says what is missing otherwise. ``--no-perceptual`` skips all three.
+
 Writes ``metrics.json``, ``report.md`` and figures (``grid.png``, ``usage.png``, ``curves.png`` when the run
 has a metrics CSV, and for audio ``mel.png`` plus original / VAE-only / tokenized ``.wav`` files). Audio files
 are scored whole: every window of the clip length the model was trained on, reassembled at full length
@@ -31,13 +35,10 @@ import torch
 from revq_ray.core import metrics as M
 from revq_ray.eval import report as R
 from revq_ray.eval.inputs import EvalInput, detect_kind, read_audio, read_images, read_latents
+from revq_ray.eval.perceptual import LPIPS_MIN_SIZE, Perceptual, frechet_distance
 from revq_ray.vae.audio import save_wav
 
-LPIPS_FID_NOTE = (
-    "LPIPS and FID were not computed: they need pretrained network weights (VGG/AlexNet for LPIPS, "
-    "Inception for FID) that are not available locally, and revq-ray never downloads weights at run time. "
-    "PSNR and SSIM are reported instead; compare rFID numbers from the papers only with a proper FID run."
-)
+NO_PERCEPTUAL_NOTE = "rFID, LPIPS and PESQ were not computed (--no-perceptual)."
 
 
 def _pick_device(device: str) -> torch.device:
@@ -93,6 +94,7 @@ class _Eval:
     notes: list[str] = field(default_factory=list)
     x_in: torch.Tensor | None = None  # VAE inputs of the originals (images / every audio window)
     windows: list[int] | None = None  # audio files: windows per file (x_in rows, in order)
+    perc: Perceptual | None = None  # rFID / LPIPS / PESQ; None: --no-perceptual
 
 
 def evaluate(
@@ -108,6 +110,10 @@ def evaluate(
     run_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
     vocoder: str | None = None,
+    perceptual: bool = True,
+    metric_weights: str | Path | None = None,
+    download: bool = True,
+    pesq_mode: str = "wb",
 ) -> dict[str, Any]:
     """Evaluate ``model`` on ``input``; write metrics.json, report.md and figures to ``output``.
 
@@ -115,9 +121,16 @@ def evaluate(
     (None = all); ``run_dir`` overrides where training curves are read from. Audio files are scored whole
     (every window, reassembled at full length) and listed one by one under ``files``; ``vocoder`` overrides
     the mel VAE's vocoder (``griffin-lim`` or ``vocos:<dir-or-id>``).
+
+    ``perceptual``: rFID and LPIPS for images, PESQ (``pesq_mode`` ``"wb"`` or ``"nb"``) for audio. Their
+    weights come from ``metric_weights`` (a directory holding the files under their standard names), the
+    torch hub cache, or a download when ``download`` is true and ``REVQ_OFFLINE`` is not set; a metric whose
+    weights are missing is left out with a note (see :mod:`revq_ray.eval.perceptual`).
     """
     ev = _setup(model, input, output, vae, limit, device, run_dir, log, vocoder)
     ev.batch_size = batch_size
+    if perceptual:
+        ev.perc = Perceptual(metric_weights, download, ev.dev, batch_size, pesq_mode, log=log)
     _encode_media(ev)
     q = _quantize(ev)
     result, summary = _latent_and_usage(ev, q)
@@ -310,6 +323,7 @@ def _decoded_metrics(ev, q, result, summary, figures, grid_items, audio_items) -
     ev.log(f"[eval] decoded VAE-only and tokenized reconstructions ({time.perf_counter() - ev.t0:.1f}s)")
     if tok.modality == "image":
         _image_metrics(result, summary, figures, ev.notes, ev.out_dir, ev.x_in, x_vae, x_tok, x_q, grid_items)
+        _perceptual_images(ev, result["image"], summary, x_vae, x_tok, x_q)
         h, w = x_vae.shape[-2:]
         info["bits_per_pixel"] = bits / (h * w)
         summary["bits_per_pixel"] = info["bits_per_pixel"]
@@ -345,7 +359,10 @@ def _finish(ev: _Eval, result: dict[str, Any], summary: dict[str, Any], figures:
             result["training_csv"] = str(csv_path)
     else:
         ev.notes.append("No training-metrics CSV found next to the model: curves.png not written.")
-    ev.notes.append(LPIPS_FID_NOTE)
+    if ev.tok is not None and ev.perc is None:
+        ev.notes.append(NO_PERCEPTUAL_NOTE)
+    elif ev.perc is not None:
+        ev.notes += ev.perc.notes + ([ev.perc.pesq_note()] if ev.perc.pesq_note() else [])
     result.update(summary=summary, figures=figures, notes=ev.notes)
     result["seconds"] = round(time.perf_counter() - ev.t0, 2)
     R.write_json(ev.out_dir / "metrics.json", result)
@@ -384,6 +401,48 @@ def _image_metrics(result, summary, figures, notes, out_dir, x_in, x_vae, x_tok,
     figures["grid"] = R.save_grid(rows, out_dir / "grid.png", max_cols=grid_items).name
 
 
+def _perceptual_images(ev: _Eval, img: dict[str, Any], summary: dict[str, Any], x_vae, x_tok, x_q) -> None:
+    """rFID and LPIPS of the reconstructions against the originals; with latent shards (originals unknown)
+    of the tokenized decode against the VAE-only one, under ``*_tokenized_vs_vae_only`` summary keys.
+    rFID skips ``tokenized_without_rectifier``: one more Inception pass, for little news."""
+    pm = ev.perc
+    if pm is None:
+        return
+    t = time.perf_counter()
+    pm.load_image_nets()
+    if pm.fid_net is None and pm.lpips_net is None:
+        ev.log("[eval] rFID and LPIPS skipped: no weights (see the notes)")
+        return
+    if ev.x_in is not None:
+        ref, suffix, names = ev.x_in, "", ("vae_only", "tokenized", "tokenized_without_rectifier")
+    else:
+        ref, suffix, names = x_vae, "_vs_vae_only", ("tokenized", "tokenized_without_rectifier")
+    recs = {"vae_only": x_vae, "tokenized": x_tok, "tokenized_without_rectifier": x_q}
+    f_ref = pm.features(ref)
+    for name in names:
+        lp = pm.lpips(recs[name], ref)
+        if lp is not None:
+            img[name]["lpips"] = lp
+        if f_ref is not None and name != "tokenized_without_rectifier":
+            img[name]["rfid"] = frechet_distance(pm.features(recs[name]), f_ref)
+    for metric in ("rfid", "lpips"):
+        for name in ("vae_only", "tokenized"):
+            if metric in img.get(name, {}):
+                summary[f"{metric}_{name}{suffix}"] = img[name][metric]
+    n = int(ref.shape[0])
+    img["perceptual"] = {"images": n, **pm.info}
+    if pm.lpips_net is not None:
+        img["perceptual"]["lpips_net"] = "alex (lpips v0.1)"
+        img["perceptual"]["lpips_min_side"] = max(min(ref.shape[-2:]), LPIPS_MIN_SIZE)
+    if f_ref is not None:
+        img["perceptual"]["rfid_features"] = int(f_ref.shape[1])
+        ev.notes.append(
+            f"rFID over {n} images: FID is biased upward on small sets (roughly as 1/N), so compare it only "
+            "with rFID over as many images, never with papers' 50,000-image numbers."
+        )
+    ev.log(f"[eval] rFID / LPIPS ({time.perf_counter() - t:.1f}s)")
+
+
 def _audio_files(ev: _Eval, q, result, summary, figures, audio_items) -> None:
     """Audio files scored whole: every window decoded, reassembled by overlap-add and vocoded at the file's
     full length; metrics per file (``result["files"]``) and over all files."""
@@ -417,6 +476,8 @@ def _audio_files(ev: _Eval, q, result, summary, figures, audio_items) -> None:
                 figures["mel"] = R.save_mels(rows, ev.out_dir / "mel.png").name
         for name, w in waves.items():
             row[f"stoi_{name}"] = _stoi(wave[None], w[None].cpu(), sr)
+            if ev.perc is not None:
+                row[f"pesq_{name}"] = ev.perc.pesq([wave], [w.cpu()], sr)
             row[f"snr_db_{name}"] = M.snr(wave[None], w[None].cpu()).item()
         files.append(row)
         if i < audio_items:
@@ -425,7 +486,7 @@ def _audio_files(ev: _Eval, q, result, summary, figures, audio_items) -> None:
                 figures[f"{name}_{i}"] = save_wav(ev.out_dir / f"{name}_{i}.wav", waves[name], sr).name
     result["files"] = files
     result["audio"] = {"reference": "original audio, whole files (every window, reassembled)"}
-    for key in [k for k in files[0] if k.startswith(("stoi_", "snr_db_"))]:
+    for key in [k for k in files[0] if k.startswith(("stoi_", "pesq_", "snr_db_"))]:
         vals = [f[key] for f in files if not math.isnan(f[key])]
         summary[key] = result["audio"][key] = float(sum(vals) / len(vals)) if vals else math.nan
     for name, (total, count) in mel_err.items():
@@ -557,6 +618,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--grid", type=int, default=8, help="columns of grid.png")
+    p.add_argument(
+        "--metric-weights",
+        default=None,
+        metavar="DIR",
+        help="directory holding weights-inception-2015-12-05-6726825d.pth (rFID) and "
+        "alexnet-owt-7be5be79.pth (LPIPS) under these names; else the torch hub cache, else a download",
+    )
+    p.add_argument(
+        "--no-download",
+        action="store_true",
+        help="never download metric weights (also: REVQ_OFFLINE=1); missing ones are noted, not computed",
+    )
+    p.add_argument(
+        "--no-perceptual",
+        action="store_true",
+        help="skip rFID, LPIPS and PESQ (Inception on CPU is slow)",
+    )
+    p.add_argument("--pesq-mode", choices=("wb", "nb"), default="wb", help="PESQ wide-band (default) or nb")
     return p
 
 
@@ -573,6 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             grid_items=args.grid,
             vocoder=args.vocoder,
+            perceptual=not args.no_perceptual,
+            metric_weights=args.metric_weights,
+            download=not args.no_download,
+            pesq_mode=args.pesq_mode,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"revq-ray eval: error: {err}", file=sys.stderr)

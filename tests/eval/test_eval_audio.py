@@ -105,6 +105,9 @@ def test_eval_audio_folder(tmp_path):
         assert a[key] > 0 and all(f[key] > 0 for f in files)
     for key in ("vocoder_only", "vae_only", "tokenized"):
         assert np.isfinite(a[f"snr_db_{key}"]) and all(f"stoi_{key}" in f for f in files)
+        # PESQ beside STOI (wide-band; NaN where PESQ finds no utterance in a tiny model's output)
+        assert f"pesq_{key}" in m["summary"] and all(f"pesq_{key}" in f for f in files)
+        assert all(np.isnan(f[f"pesq_{key}"]) or 1.0 <= f[f"pesq_{key}"] <= 4.65 for f in files)
     assert m["info"]["bits_per_second"] == pytest.approx(64 * m["info"]["windows"] / sum(seconds))
     for name in ("mel.png", "usage.png", "original_0.wav", "vae_only_0.wav", "tokenized_0.wav"):
         assert (out / name).is_file(), name
