@@ -495,6 +495,8 @@ def _stage_eval(out: Path, run_dir: Path, val_dir: Path, spec: str, sz: Sizes) -
         limit=sz.eval_items,
         device="cpu",
         log=lambda s: print(f"[quickstart] [5/5] {s}", flush=True),  # details: the log file in quiet mode
+        # Offline by promise: rFID / LPIPS only when their weights are already cached, never a download.
+        download=False,
     )
     tok = Tokenizer.build(spec, run_dir)
     tok.save_pretrained(out / "tokenizer")

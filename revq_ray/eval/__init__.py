@@ -5,22 +5,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from revq_ray.eval.evaluate import evaluate, main
 from revq_ray.tokenizer import Tokenizer
 
+# Imported eagerly, not wrapped: importing the submodule ``revq_ray.eval.evaluate`` anywhere would otherwise
+# rebind the package attribute ``evaluate`` to that module, and ``from revq_ray.eval import evaluate`` would
+# then return the module instead of the function.
 __all__ = ["Tokenizer", "evaluate", "main"]
-
-
-def evaluate(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """See :func:`revq_ray.eval.evaluate.evaluate`."""
-    from revq_ray.eval.evaluate import evaluate as _evaluate
-
-    return _evaluate(*args, **kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``revq-ray eval``: see :func:`revq_ray.eval.evaluate.main`."""
-    from revq_ray.eval.evaluate import main as _main
-
-    return _main(argv)
