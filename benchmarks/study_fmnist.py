@@ -193,7 +193,8 @@ def final(args: argparse.Namespace) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, no GPU",
         "budgets": {},
     }
-    for bits in BUDGETS:
+    budgets = [int(b) for b in args.budgets.split(",") if b] or list(BUDGETS)
+    for bits in budgets:
         rows = []
         for name, cfg in row_configs(bits).items():
             if wanted and name not in wanted:
@@ -328,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-items", type=int, default=10240)
     p.add_argument("--heldout", type=int, default=512)
     p.add_argument("--rows", default="", help="comma-separated subset of rows (default: all)")
+    p.add_argument("--budgets", default="", help="comma-separated subset of 2048,5120 (default: both)")
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")

@@ -109,7 +109,7 @@ def test_miniature_compare(tmp_path, ray_local, capsys):
 
 
 ROOT = Path(__file__).resolve().parents[2]
-N_FMNIST = 1280  # real latents: 1,024 to train on, 256 held out (about a minute to encode)
+N_FMNIST = 1024  # real latents: about 768 to train on, 256 held out (about a minute to encode)
 
 
 @pytest.mark.shared
@@ -131,7 +131,7 @@ def test_tuned_revq_beats_plain_vq_on_fashion_mnist(shared_dir, ray_local, tmp_p
             shard_size=256, batch_size=128, progress=False,
         )  # fmt: skip
     out = tmp_path / "cmp"
-    steps = 120
+    steps = 100
     rc = C.main(
         [
             "--shards", str(shards), "--bits", "2048",
