@@ -199,6 +199,9 @@ def final(args: argparse.Namespace) -> int:
         for name, cfg in row_configs(bits).items():
             if wanted and name not in wanted:
                 continue
+            if args.collect and not (OUT / "eval" / cfg["name"] / "metrics.json").is_file():
+                _log(f"{bits} bits: {name}: not evaluated yet, left out (--collect)")
+                continue
             _log(f"{bits} bits: {name}")
             rows.append({"row": name, **_train_and_eval(cfg, spec, heldout)})
             _log(f"  {json.dumps(rows[-1]['summary'])[:400]}")
@@ -330,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", type=int, default=512)
     p.add_argument("--rows", default="", help="comma-separated subset of rows (default: all)")
     p.add_argument("--budgets", default="", help="comma-separated subset of 2048,5120 (default: both)")
+    p.add_argument(
+        "--collect", action="store_true", help="final: only gather rows already evaluated (train nothing)"
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
