@@ -143,7 +143,9 @@ def _train_and_eval(cfg_data: dict[str, Any], spec: str, heldout: Path) -> dict[
         "codebook_size": q.codebook_size,
         "bits_per_image": q.bits_per_sample,
         "quantizer": q.type,
-        "rectifier": f"{cfg.model.rectifier.type} {cfg.model.rectifier.width}x{cfg.model.rectifier.depth}",
+        "rectifier": "none"
+        if cfg.model.rectifier.type == "identity"
+        else f"{cfg.model.rectifier.type} {cfg.model.rectifier.width}x{cfg.model.rectifier.depth}",
         "lr": cfg.train.lr,
         "rectifier_lr": cfg.train.lr * cfg.train.rectifier_lr_scale,
         "steps": cfg.train.max_steps,
@@ -168,7 +170,8 @@ def sweep_trials(bits: int) -> list[dict[str, Any]]:
         except (TypeError, ValueError):
             return float("inf")
 
-    return sorted(rows, key=lambda r: (r.get("status") != "completed", key(r)))
+    # Best validated value first; trials interrupted before their first validation last.
+    return sorted(rows, key=key)
 
 
 def final(args: argparse.Namespace) -> int:
@@ -262,15 +265,15 @@ def sweep_table(res: dict[str, Any], top: int = 5) -> str:
     """The best ``top`` trials of each sweep (held-out-from-training val_mse, the sweep's metric)."""
     cols = list(SWEEP_KEYS.values())
     lines = [
-        "| bits | " + " | ".join(cols) + " | val MSE | steps |",
-        "| ---: | " + " | ".join("---" for _ in cols) + " | ---: | ---: |",
+        "| bits | " + " | ".join(cols) + " | val MSE | steps | status |",
+        "| ---: | " + " | ".join("---" for _ in cols) + " | ---: | ---: | --- |",
     ]
     for bits, b in res["budgets"].items():
         for r in b["sweep"][:top]:
             cells = [_fmt(r.get(k, "")) for k in SWEEP_KEYS]
             lines.append(
                 f"| {int(bits):,} | " + " | ".join(cells) + f" | {_fmt(r.get('val_mse'))} | "
-                f"{_fmt(r.get('steps_done'))} |"
+                f"{_fmt(r.get('steps_done'))} | {r.get('status', '')} |"
             )
     return "\n".join(lines)
 
@@ -301,7 +304,7 @@ def plot(res: dict[str, Any], path: Path) -> Path:
         ax.set_yscale("log")
         ax.set_xlabel("tokens T (codebook 2^(bits/T))")
         ax.set_ylabel("val latent MSE (sweep hold-out)")
-        ax.set_title(f"{int(bits):,} bits: trials (o = 1,000 steps, x = stopped by ASHA)")
+        ax.set_title(f"{int(bits):,} bits: trials (o = 1,000 steps, x = stopped early)")
         for name, c in colors.items():
             ax.scatter([], [], c=c, label=name)
         ax.legend(fontsize=8)
