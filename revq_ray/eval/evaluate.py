@@ -362,7 +362,8 @@ def _finish(ev: _Eval, result: dict[str, Any], summary: dict[str, Any], figures:
     if ev.tok is not None and ev.perc is None:
         ev.notes.append(NO_PERCEPTUAL_NOTE)
     elif ev.perc is not None:
-        ev.notes += ev.perc.notes + ([ev.perc.pesq_note()] if ev.perc.pesq_note() else [])
+        pesq_note = ev.perc.pesq_note()
+        ev.notes += ev.perc.notes + ([pesq_note] if pesq_note else [])
     result.update(summary=summary, figures=figures, notes=ev.notes)
     result["seconds"] = round(time.perf_counter() - ev.t0, 2)
     R.write_json(ev.out_dir / "metrics.json", result)
