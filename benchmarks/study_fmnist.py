@@ -14,12 +14,15 @@ PNGs: they are the evaluation set, never trained on and never seen by a sweep.
 ``final`` trains every row for the study's budget (1,000 steps of 128 latents through Ray Train + DeepSpeed on
 CPU) and scores it with ``revq_ray.eval`` on the held-out PNGs (image -> ids -> image):
 
-- ``tuned``: ``configs/fashion_mnist_<bits>.yaml`` as committed (the sweep's winner);
+- ``tuned``: ``configs/fashion_mnist_<bits>.yaml`` as committed (the sweep's winner plus the decoder-weighted
+  position layout, ``model.layout: position`` and ``model.weighting: decoder``, not searched by the sweep);
+- ``sweep``: the same winner as the sweep ran it (contiguous layout, unweighted);
 - ``before``: the recipe the study replaces (the ImageNet presets' recipe at a CPU width: vit 64x2, codebook
   lr 0.01, rectifier lr x0.05, reset once per epoch; T256 K256 / T512 K1024), as measured in issue 11;
 - ``authors_readme_lr`` (2,048 bits only): ``before`` with lr 5e-5, what the authors' README command runs
   (their argparse default replaces the yaml's 0.01);
-- ``vq``: plain VQ at the tuned T and K (no reset, no rectifier), same lr.
+- ``vq``: plain VQ at the sweep winner's T and K (no reset, no rectifier), same lr, contiguous and unweighted;
+- ``vq_weighted``: the same plain VQ with the tuned layout and weighting.
 
 Prints a markdown table; writes ``benchmarks/results/study_fmnist.json`` (sweep trials + rows) and
 ``benchmarks/results/study_fmnist.png``. Re-running resumes (finished runs and evaluations are kept).
@@ -84,7 +87,12 @@ def row_configs(bits: int) -> dict[str, dict[str, Any]]:
     tuned = load_yaml(ROOT / "configs" / f"fashion_mnist_{bits}.yaml")
     tuned["output_dir"] = str(OUT / "runs")
     rows = {"tuned": tuned}
-    before = copy.deepcopy(tuned)
+    # the sweep's winner as the sweep ran it: ReVQ's contiguous layout, every channel weighed alike
+    sweep = copy.deepcopy(tuned)
+    set_dotted(sweep, "model.layout", "contiguous")
+    set_dotted(sweep, "model.weighting", "none")
+    rows["sweep"] = sweep
+    before = copy.deepcopy(sweep)
     tokens, k = BEFORE_SHAPE[bits]
     for key, value in {
         "model.quantizer.tokens": tokens,
@@ -107,11 +115,12 @@ def row_configs(bits: int) -> dict[str, dict[str, Any]]:
         authors = copy.deepcopy(before)
         set_dotted(authors, "train.lr", AUTHORS_README_LR)
         rows["authors_readme_lr"] = authors
-    vq = copy.deepcopy(tuned)
-    set_dotted(vq, "model.quantizer.type", "vq")
-    set_dotted(vq, "model.quantizer.reset.enabled", False)
-    set_dotted(vq, "model.rectifier.type", "identity")
-    rows["vq"] = vq
+    for name, base in (("vq", sweep), ("vq_weighted", tuned)):
+        vq = copy.deepcopy(base)
+        set_dotted(vq, "model.quantizer.type", "vq")
+        set_dotted(vq, "model.quantizer.reset.enabled", False)
+        set_dotted(vq, "model.rectifier.type", "identity")
+        rows[name] = vq
     for name, cfg in rows.items():
         cfg["name"] = f"fmnist{bits}_{name}"
     return rows
@@ -143,6 +152,8 @@ def _train_and_eval(cfg_data: dict[str, Any], spec: str, heldout: Path) -> dict[
         "codebook_size": q.codebook_size,
         "bits_per_image": q.bits_per_sample,
         "quantizer": q.type,
+        "layout": cfg.model.layout,
+        "weighting": cfg.model.weighting,
         "rectifier": "none"
         if cfg.model.rectifier.type == "identity"
         else f"{cfg.model.rectifier.type} {cfg.model.rectifier.width}x{cfg.model.rectifier.depth}",
@@ -221,15 +232,17 @@ def final(args: argparse.Namespace) -> int:
 def table(res: dict[str, Any]) -> str:
     """The README's table: held-out metrics of every row."""
     lines = [
-        "| bits / image | row | T x K | rectifier | lr (codebook / rectifier) | PSNR tokenized | "
-        "PSNR without rectifier | latent MSE without -> with rectifier | SSIM | held-out usage |",
-        "| ---: | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| bits / image | row | T x K | layout, weighting | rectifier | lr (codebook / rectifier) | "
+        "PSNR tokenized | PSNR without rectifier | latent MSE without -> with rectifier | SSIM | "
+        "held-out usage |",
+        "| ---: | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for bits, b in res["budgets"].items():
         for r in b["rows"]:
             s = r["summary"]
             lines.append(
-                f"| {int(bits):,} | {r['row']} | {r['tokens']} x {r['codebook_size']} | {r['rectifier']} | "
+                f"| {int(bits):,} | {r['row']} | {r['tokens']} x {r['codebook_size']} | "
+                f"{r.get('layout', 'contiguous')}, {r.get('weighting', 'none')} | {r['rectifier']} | "
                 f"{r['lr']:.2g} / {r['rectifier_lr']:.2g} | {s['psnr_tokenized']:.2f} dB | "
                 f"{s['psnr_tokenized_without_rectifier']:.2f} dB | "
                 f"{s['latent_mse_std_without_rectifier']:.4f} -> {s['latent_mse_std_with_rectifier']:.4f} | "

@@ -123,6 +123,24 @@ class ModelConfig(Section):
 
     quantizer: QuantizerConfig = Field(default_factory=QuantizerConfig)
     rectifier: RectifierConfig = Field(default_factory=RectifierConfig)
+    layout: Literal["contiguous", "position"] = Field(
+        "contiguous",
+        description="how the latent is cut into tokens: contiguous (ReVQ's: a token is d values of one "
+        "channel) or position (a token is C/P channels at one position, T = positions x P); see "
+        "revq_ray/core/layout.py",
+    )
+    weighting: Literal["none", "decoder"] = Field(
+        "none",
+        description="none: every standardized channel counts alike; decoder: weigh each channel by the "
+        "frozen decoder's sensitivity to it (diag of J^T J, measured once when the run is planned, saved "
+        "with the model), so the code search and the losses follow the decoded output; needs the run's `vae`",
+    )
+    weighting_samples: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="weighting=decoder: latents the sensitivity averages over (4 sign probes each)",
+    )
     init_from: str = Field(
         "",
         description="fine-tune: start from this saved model (a save_pretrained / import-revq directory, a "
@@ -130,6 +148,15 @@ class ModelConfig(Section):
         "codebook init; its standardizer, codebook and rectifier are loaded, so the quantizer and rectifier "
         "settings above must match its shapes",
     )
+
+    @model_validator(mode="after")
+    def _weighting_rules(self) -> ModelConfig:
+        if self.weighting != "none" and self.quantizer.type == "gq":
+            raise ValueError(
+                "model.weighting=decoder does not apply to model.quantizer.type=gq (GQ scores codes in the "
+                "VAE's raw units against its prior); use weighting: none"
+            )
+        return self
 
     @field_validator("init_from")
     @classmethod

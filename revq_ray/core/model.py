@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from revq_ray.core.layout import TokenLayout
+from revq_ray.core.layout import TokenLayout, channel_order_for
 from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers import QuantOut, ReduceFn, build_quantizer
 from revq_ray.core.rectifiers import build_rectifier
@@ -152,8 +152,12 @@ class ReVQModel(
         super().__init__()
         cfg = _validated_model_config(model)
         self.cfg: ModelConfig = cfg
-        self.layout = TokenLayout(latent_shape, cfg.quantizer.tokens)
-        self.standardizer = Standardizer(self.layout.latent_shape)
+        self.layout = TokenLayout(latent_shape, cfg.quantizer.tokens, kind=cfg.layout)
+        self.standardizer = Standardizer(self.layout.latent_shape, weighted=cfg.weighting != "none")
+        if cfg.layout == "position":
+            # which channels share a token: set from the channel weights (set_channel_weights), saved with the
+            # model so ids decode the same way forever
+            self.register_buffer("channel_order", torch.arange(self.layout.latent_shape[0]))
         self.quantizer = build_quantizer(cfg.quantizer, self.layout.dim)
         # GQ quantizes the VAE posterior in raw units (its codebook is the VAE prior); the others work on
         # standardized latents. Either way the rectifier and its loss live in standardized units.
@@ -196,6 +200,25 @@ class ReVQModel(
         """T * log2(K): the size of one latent's token sequence in bits."""
         return self.tokens * math.log2(self.codebook_size)
 
+    # ----------------------------------------------------------------------------------------- layout
+    def to_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, *latent_shape) -> (B, T, d) in this model's token layout (any units)."""
+        return self.layout.to_tokens(z, getattr(self, "channel_order", None))
+
+    def to_latent(self, tokens_btd: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, *latent_shape): the exact inverse of :meth:`to_tokens`."""
+        return self.layout.to_latent(tokens_btd, getattr(self, "channel_order", None))
+
+    @torch.no_grad()
+    def set_channel_weights(self, weights: torch.Tensor) -> None:
+        """``model.weighting: decoder``: set the per-channel weights (e.g. from
+        :func:`revq_ray.core.sensitivity.decoder_channel_weights`) before the codebook is initialized. With
+        ``model.layout: position`` the channels are also dealt to the token groups in decreasing weight, so
+        each group holds an equal share of the channels the decoder cares about."""
+        w = self.standardizer.set_channel_weights(weights)
+        if self.cfg.layout == "position":
+            self.channel_order.copy_(channel_order_for(w).to(self.channel_order))
+
     # ----------------------------------------------------------------------------------------- internals
     def _check(self, latents: torch.Tensor, logvar: torch.Tensor | None) -> torch.Tensor:
         if tuple(latents.shape[1:]) != self.latent_shape:
@@ -212,17 +235,17 @@ class ReVQModel(
 
         Always fp32 with autocast off (see :mod:`revq_ray.core.precision`): the caller holds that region."""
         if not self._raw_units:
-            return self.quantizer(self.layout.to_tokens(z_std))
+            return self.quantizer(self.to_tokens(z_std))
         # GQ's codebook is samples of the VAE's N(0, I) prior, so it must see the posterior (mean, log-var)
         # in the VAE's own units; standardizing would break the match with the prior.
-        logvar_btd = None if logvar is None else self.layout.to_tokens(logvar.to(z.dtype))
-        return self.quantizer(self.layout.to_tokens(z), logvar_btd=logvar_btd)
+        logvar_btd = None if logvar is None else self.to_tokens(logvar.to(z.dtype))
+        return self.quantizer(self.to_tokens(z), logvar_btd=logvar_btd)
 
     def _to_std(self, q_btd: torch.Tensor) -> torch.Tensor:
         """Quantized tokens (quantizer units) -> standardized latent view (what the rectifier sees)."""
         # contiguous: a code lookup may return a strided view (e.g. SimVQ's per-group map), and outputs
         # should not inherit odd strides (safetensors, .view() and DDP buckets reject them).
-        q = self.layout.to_latent(q_btd.contiguous())
+        q = self.to_latent(q_btd.contiguous())
         return self.standardizer(q) if self._raw_units else q
 
     def _rectify_and_destandardize(self, q_std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,14 +339,14 @@ class ReVQModel(
         """Raw latents -> quantized raw latents, no rectifier (for "MSE without rectifier" metrics)."""
         z = self._check(latents, logvar)
         with self._eval_quantizer(), full_precision(z.device):
-            q = self.layout.to_latent(self._quantize(z, self.standardizer(z), as_fp32(logvar)).quantized_btd)
+            q = self.to_latent(self._quantize(z, self.standardizer(z), as_fp32(logvar)).quantized_btd)
             return q if self._raw_units else self.standardizer.inverse(q)
 
     @torch.no_grad()
     def init_codebook(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Initialize codebooks from raw training latents (N, *latent_shape); fit the standardizer first."""
         z = self._check(latents, None)
-        tokens_ntd = self.layout.to_tokens(z if self._raw_units else self.standardizer(z))
+        tokens_ntd = self.to_tokens(z if self._raw_units else self.standardizer(z))
         self.quantizer.init_from_tokens(tokens_ntd, generator=generator)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

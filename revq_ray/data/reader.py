@@ -390,8 +390,12 @@ def sample_init_tokens_bounded(
     *,
     val_items: int = 0,
     filesystem: Any = None,
+    to_tokens: Any = None,
 ) -> tuple[torch.Tensor, dict[str, int]]:
     """Codebook-init tokens from a *bounded* number of shards: ``(tokens_ntd, info)``.
+
+    ``to_tokens``: (m, *latent_shape) -> (m, G, d) array, the model's token layout when it is not the
+    contiguous one (default: a contiguous reshape).
 
     Shards are visited in a seeded random order and read whole (no Ray Data, no pass over the dataset) until
     they hold ``n`` training latents, so the cost is about ``n`` latents however large the dataset is: seconds
@@ -436,7 +440,8 @@ def sample_init_tokens_bounded(
         info["members_skipped"] += bad
     if not latents:
         raise ValueError(f"no readable training latents for codebook init in {manifest.root or shards}")
-    z = np.stack(latents).reshape(len(latents), layout_tokens, -1)  # (m, G, d)
+    z = np.stack(latents)
+    z = z.reshape(len(z), layout_tokens, -1) if to_tokens is None else to_tokens(z)  # (m, G, d)
     info["latents"] = m = len(z)
     take = min(n, m)
     rng = np.random.default_rng([seed, 0x7E57])

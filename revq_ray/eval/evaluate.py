@@ -244,13 +244,32 @@ def _quantize(ev: _Eval) -> dict[str, torch.Tensor]:
 def _latent_and_usage(ev: _Eval, q: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Latent MSEs, codebook usage on the evaluation set and the run's info block."""
     net, z_all = ev.net, ev.data.latents
-    latent = {
-        "mse_std_without_rectifier": M.mse(q["q_std"], q["z_std"]).item(),
-        "mse_std_with_rectifier": M.mse(q["r_std"], q["z_std"]).item(),
-        "mse_raw_without_rectifier": M.mse(q["q_raw"], z_all).item(),
-        "mse_raw_with_rectifier": M.mse(q["rec"], z_all).item(),
-        "note": "std = per-element standardized units (the paper's latent MSE); raw = the VAE's own units",
-    }
+    st = net.standardizer
+    if getattr(st, "weighted", False):
+        # model.weighting=decoder: the model's own units weigh channels by the decoder's sensitivity. The
+        # "std" figures stay plain z-scores (comparable with unweighted models); the weighted ones are extra.
+        mean, std = st.mean.cpu(), st.std.cpu()
+        plain = {k: (q[k] - mean) / std for k in ("q_raw", "rec")}
+        z_plain = (z_all.to(mean.dtype) - mean) / std
+        latent = {
+            "mse_std_without_rectifier": M.mse(plain["q_raw"], z_plain).item(),
+            "mse_std_with_rectifier": M.mse(plain["rec"], z_plain).item(),
+            "mse_weighted_without_rectifier": M.mse(q["q_std"], q["z_std"]).item(),
+            "mse_weighted_with_rectifier": M.mse(q["r_std"], q["z_std"]).item(),
+        }
+    else:
+        latent = {
+            "mse_std_without_rectifier": M.mse(q["q_std"], q["z_std"]).item(),
+            "mse_std_with_rectifier": M.mse(q["r_std"], q["z_std"]).item(),
+        }
+    latent.update(
+        {
+            "mse_raw_without_rectifier": M.mse(q["q_raw"], z_all).item(),
+            "mse_raw_with_rectifier": M.mse(q["rec"], z_all).item(),
+            "note": "std = per-element standardized units (the paper's latent MSE); raw = the VAE's own units"
+            + ("; weighted = the model's decoder-weighted units (model.weighting)" if st.weighted else ""),
+        }
+    )
     n = len(ev.data.waves) if ev.data.waves is not None else len(ev.data)  # files, not windows
     info: dict[str, Any] = {
         "model": str(ev.model_dir),

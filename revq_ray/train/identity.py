@@ -106,10 +106,14 @@ def check_run_identity(cfg: RunConfig, storage_path: str, name: str) -> None:
     new = run_identity(cfg)
     if _fs.is_file(fs, path) and _has_checkpoint(fs, run_root):
         old = json.loads(_fs.read_bytes(fs, path))
+        # A key added to the config after the run started is not a change when it holds its default (the
+        # default keeps the old meaning, e.g. model.layout=contiguous): upgrading revq-ray keeps runs
+        # resumable.
+        defaults = _flatten(RunConfig().model_dump(mode="json"))
         diff = [
             f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
             for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k)
+            if old.get(k) != new.get(k) and not (k not in old and k in defaults and new[k] == defaults[k])
         ]
         if diff and not cfg.train.force_resume:
             raise ConfigError(

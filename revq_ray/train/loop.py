@@ -139,6 +139,8 @@ def build_model(
     torch.manual_seed(cfg.seed)
     model = ReVQModel.from_config(plan.latent_shape, cfg.model)
     model.standardizer.set_stats(RunningStats.from_state_dict(plan.stats))
+    if plan.channel_weights is not None:  # model.weighting: decoder (a restored checkpoint holds its own)
+        model.set_channel_weights(torch.tensor(plan.channel_weights))
     if not fresh:
         pass  # the checkpoint restores every tensor
     elif cfg.model.init_from:  # fine-tune: every tensor from the saved model
@@ -149,7 +151,7 @@ def build_model(
         raise RuntimeError("a fresh run needs a codebook-init sample (RunPlan.init_tokens) or init_from")
     else:
         t0 = time.perf_counter()
-        z = model.layout.to_latent(init_tokens_ntd.to(model.standardizer.mean.dtype))
+        z = model.to_latent(init_tokens_ntd.to(model.standardizer.mean.dtype))
         gen = torch.Generator().manual_seed(seed_for(cfg, 1, 0))
         model.init_codebook(z, generator=gen)
         _log(

@@ -45,6 +45,9 @@ class RunPlan:
     """Ray ObjectRef of the (n, T, d) float32 raw codebook-init tokens; None when resuming a run that has a
     checkpoint (the codebook comes from it)."""
     init_info: dict[str, int] | None = None
+    channel_weights: list[float] | None = None
+    """``model.weighting: decoder``: the decoder's per-channel sensitivity (mean 1), measured here once; None
+    for unweighted models and for runs restored from a checkpoint (it holds them)."""
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -83,7 +86,20 @@ def _check_config(cfg: RunConfig, manifest: Any) -> None:
         raise ConfigError(str(err)) from None
     if tc.zero_stage > 2:
         eng.deepspeed_config(tc, tc.num_workers)  # raises the explanatory error
-    TokenLayout(manifest.latent_shape, cfg.model.quantizer.tokens)  # raises naming model.quantizer.tokens
+    try:  # names model.quantizer.tokens / model.layout and the valid choices
+        TokenLayout(manifest.latent_shape, cfg.model.quantizer.tokens, kind=cfg.model.layout)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if (
+        cfg.model.weighting == "decoder"
+        and not weighting_vae_specs(cfg, manifest)
+        and not cfg.model.init_from
+    ):
+        raise ConfigError(
+            "model.weighting=decoder measures the decoder's sensitivity, but neither `vae` nor the shards' "
+            f"manifest ({cfg.data.shards}: vae={manifest.vae!r}) names a VAE: set vae: <spec> (the one the "
+            "latents came from)"
+        )
     if cfg.model.quantizer.type == "gq" and not manifest.has_logvar:
         raise ConfigError(
             f"model.quantizer.type=gq needs the VAE posterior's log-variance, but data.shards="
@@ -99,6 +115,21 @@ def _check_config(cfg: RunConfig, manifest: Any) -> None:
         from revq_ray.published import check_init_from
 
         check_init_from(cfg.model, manifest.latent_shape)
+
+
+def weighting_vae_specs(cfg: RunConfig, manifest: Any) -> list[str]:
+    """The VAE specs ``model.weighting: decoder`` may load, in order: ``vae``, then the manifest's (when it
+    names one: synthetic shards do not)."""
+    from revq_ray.vae import parse_spec
+
+    out = []
+    for spec in dict.fromkeys(s for s in (cfg.vae, manifest.vae) if s):
+        try:
+            parse_spec(spec)
+        except ValueError:
+            continue
+        out.append(spec)
+    return out
 
 
 def _val_dataset(cfg: RunConfig, val_ds: Any) -> tuple[Any, int]:
@@ -128,16 +159,83 @@ def init_sample_size(cfg: RunConfig) -> int:
     return cfg.data.init_samples or cfg.model.quantizer.codebook_size
 
 
-def draw_init_tokens(cfg: RunConfig, manifest: Any) -> tuple[Any, dict[str, int]]:
-    """The codebook-init tokens (a bounded read of a few shards), put in Ray's object store."""
+def measure_channel_weights(cfg: RunConfig, manifest: Any) -> list[float]:
+    """``model.weighting: decoder``: the frozen decoder's per-channel sensitivity in standardized units
+    (:func:`revq_ray.core.sensitivity.decoder_channel_weights`) over ``model.weighting_samples`` training
+    latents (a bounded read), on the driver's CPU; the VAE is ``vae`` (else the manifest's)."""
+    import torch
+
+    from revq_ray.core.sensitivity import decoder_channel_weights
+    from revq_ray.core.stats import RunningStats
+    from revq_ray.data.reader import sample_init_tokens_bounded
+    from revq_ray.tokenizer import load_vae_for
+
+    t0 = time.time()
+    errors = []
+    for spec in weighting_vae_specs(cfg, manifest):
+        try:
+            vae = load_vae_for(spec, manifest.latent_shape, "cpu")
+            break
+        except Exception as err:  # noqa: BLE001 - any load failure: try the next spec, then report them all
+            errors.append(f"{spec}: {type(err).__name__}: {err}")
+    else:
+        raise ConfigError(
+            "model.weighting=decoder needs the VAE the latents came from, and none loaded: "
+            + "; ".join(errors)
+            + ". Fix `vae` (a path relative to where you run, or absolute), or set model.weighting: none"
+        )
+    val_items = 0 if cfg.data.val_shards else cfg.data.val_items
+    n = cfg.model.weighting_samples
+    whole, _ = sample_init_tokens_bounded(manifest, 1, n, seed=cfg.seed + 1, val_items=val_items)
+    z = whole.reshape(len(whole), *manifest.latent_shape)
+    stats = RunningStats.from_state_dict(manifest.stats)
+    std = stats.std.float().clamp_min(1e-6)
+    w = decoder_channel_weights(vae.decode_differentiable, z, stats.mean.float(), std, seed=cfg.seed)
+    top = torch.sort(w, descending=True).values
+    _log(
+        f"decoder channel weights ({vae.spec}, {len(z)} latents, {time.time() - t0:.1f}s): "
+        f"max {float(top[0]):.3g}, min {float(top[-1]):.3g}, top-4 share {float(top[:4].sum() / w.sum()):.0%}"
+    )
+    return [float(x) for x in w]
+
+
+def draw_init_tokens(
+    cfg: RunConfig, manifest: Any, channel_weights: list[float] | None = None
+) -> tuple[Any, dict[str, int]]:
+    """The codebook-init tokens (a bounded read of a few shards) in the model's token layout, put in Ray's
+    object store."""
     import ray
 
     from revq_ray.data.reader import sample_init_tokens_bounded
 
     t0 = time.time()
     val_items = 0 if cfg.data.val_shards else cfg.data.val_items
+    to_tokens = None
+    if cfg.model.layout != "contiguous":
+        # the same layout and channel order as the model (ReVQModel.set_channel_weights), so each group's
+        # init rows are whole tokens of one latent
+        import numpy as np
+        import torch
+
+        from revq_ray.core.layout import channel_order_for
+        from revq_ray.core.standardizer import Standardizer
+
+        layout = TokenLayout(manifest.latent_shape, cfg.model.quantizer.tokens, kind=cfg.model.layout)
+        order = None
+        if channel_weights is not None:
+            w = Standardizer.normalize_weights(torch.tensor(channel_weights), layout.channels)
+            order = channel_order_for(w.float())
+
+        def to_tokens(z_n: np.ndarray) -> np.ndarray:
+            return layout.to_tokens(torch.from_numpy(z_n), order).numpy()
+
     tokens_ntd, info = sample_init_tokens_bounded(
-        manifest, cfg.model.quantizer.tokens, init_sample_size(cfg), seed=cfg.seed, val_items=val_items
+        manifest,
+        cfg.model.quantizer.tokens,
+        init_sample_size(cfg),
+        seed=cfg.seed,
+        val_items=val_items,
+        to_tokens=to_tokens,
     )
     info["seconds"] = round(time.time() - t0, 2)
     return ray.put(tokens_ntd), info
@@ -176,9 +274,11 @@ def plan_run(
         if is_uri(storage)
         else str(Path(storage) / name)
     )
-    init_ref, init_info = (None, None)
+    init_ref, init_info, weights = (None, None, None)
     if not cfg.model.init_from and not _has_checkpoint(storage, name):  # init_from brings its own codebook
-        init_ref, init_info = draw_init_tokens(cfg, manifest)
+        if cfg.model.weighting == "decoder":
+            weights = measure_channel_weights(cfg, manifest)
+        init_ref, init_info = draw_init_tokens(cfg, manifest, weights)
     _log(
         f"data {cfg.data.shards}: {train_count} train / {val_count} val latents of shape "
         f"{manifest.latent_shape} ({time.time() - t0:.1f}s to plan)"
@@ -199,6 +299,7 @@ def plan_run(
         run_dir=run_dir,
         init_tokens=init_ref,
         init_info=init_info,
+        channel_weights=weights,
     )
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     return plan, datasets

@@ -43,6 +43,16 @@ class FrozenAdapter:
             extra.to(self.device)
         return self
 
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the VAE's output (see :class:`~revq_ray.vae.base.FrozenVAE`)."""
+        return self.decode_differentiable(z)
+
+    def decode_differentiable(self, z: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` with autograd on (the weights stay frozen): what the decoder-sensitivity weights of
+        ``model.weighting: decoder`` differentiate."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement decode_differentiable")
+
     def _extra_modules(self) -> list[nn.Module]:
         return []
 

@@ -276,9 +276,9 @@ class BuiltinVAE(FrozenAdapter):
     def posterior(self, x: torch.Tensor) -> Posterior:
         return self.module.posterior(self._prepare(x))
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents -> images clamped to [0, 1], or normalized log-mel (B, n_mels, 4 * L)."""
+    def decode_differentiable(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> images clamped to [0, 1], or normalized log-mel (B, n_mels, 4 * L); differentiable
+        (:meth:`decode` is this under no_grad)."""
         y = self.module.decode(self._check_latent(z))
         return y.clamp(0.0, 1.0) if self.input_kind == "image" else y
 

@@ -164,9 +164,9 @@ class DiffusersVAE(FrozenAdapter):
         dist = self.module.encode(self._to_model_range(self._check_input(x))).latent_dist
         return Posterior(mean=dist.mean, logvar=dist.logvar)
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> images in [0, 1] (clamped), or waveforms in [-1, 1] for Oobleck."""
+    def decode_differentiable(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> images in [0, 1] (clamped), or waveforms in [-1, 1] for Oobleck; differentiable
+        (:meth:`decode` is this under no_grad)."""
         y = self.module.decode(self._check_latent(z)).sample
         if self.modality == "image":
             return ((y + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -143,7 +143,6 @@ class TAESDVAE(FrozenAdapter):
         """Images (B, 3, H, W) in [0, 1], H and W multiples of 8 -> raw latents (B, C, H/8, W/8)."""
         return self.encoder(self._check_input(x))
 
-    @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> images in [0, 1] (clamped)."""
+    def decode_differentiable(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> images in [0, 1] (clamped); differentiable (``decode`` is this under no_grad)."""
         return self.decoder(self._check_latent(z)).clamp(0.0, 1.0)

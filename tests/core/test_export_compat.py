@@ -42,6 +42,10 @@ def test_export_round_trips_with_todays_code(tmp_path):
     model = ReVQModel.from_pretrained(EXPORT)
     model.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())
+    # Fields added since e163450 are written with the values that keep its meaning (the full config is saved
+    # so that a saved model never changes meaning when a default changes); the rest is what it was.
+    added = {"layout": "contiguous", "weighting": "none", "weighting_samples": 64}
+    assert {k: saved["model"].pop(k) for k in added} == added
     assert saved == json.loads((EXPORT / "config.json").read_text())
     again = ReVQModel.from_pretrained(tmp_path / "again")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):

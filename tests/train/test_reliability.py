@@ -113,6 +113,18 @@ def test_run_identity_refuses_other_settings_or_data(tmp_path):
     check_run_identity(_cfg(tmp_path, a, **{"train.max_steps": 99, "train.num_workers": 2}), storage, "same")
     check_run_identity(_cfg(tmp_path, b, **{"train.force_resume": True}), storage, "same")
     check_run_identity(_cfg(tmp_path, b), storage, "same")
+    # a run recorded before a config key existed resumes when the key holds its default (an upgrade), not
+    # when it is set to something else
+    import json
+
+    ident_file = tmp_path / "runs" / "same" / IDENTITY_FILE
+    old = json.loads(ident_file.read_text())
+    del old["model.layout"], old["model.weighting"]
+    ident_file.write_text(json.dumps(old))
+    check_run_identity(_cfg(tmp_path, b), storage, "same")
+    ident_file.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="model.layout: null -> .position"):
+        check_run_identity(_cfg(tmp_path, b, **{"model.layout": "position"}), storage, "same")
 
 
 # --------------------------------------------------------------------------------------------- guards

@@ -80,6 +80,51 @@ def test_training_reduces_loss_and_ranks_agree(ray_local, latent_shards, tmp_pat
     assert list((run_dir / "tensorboard").glob("events.*"))
 
 
+@pytest.mark.extended  # the default run trains the weighted preset end to end in tests/eval/test_compare.py
+def test_decoder_weighted_position_layout_trains_and_exports(ray_local, latent_shards, tmp_path):
+    """model.weighting=decoder measures taef2's channel sensitivity when the run is planned; the export keeps
+    the weights and the channel order, so ids decode through the tokenizer the same way after a reload."""
+    from revq_ray.core.model import ReVQModel
+    from revq_ray.data.shards import read_manifest
+
+    from .conftest import SHARED
+
+    if "taef2" not in read_manifest(str(latent_shards)).vae:
+        pytest.skip(f"needs the taef2 latents of {SHARED} (../shared): synthetic latents have no decoder")
+    vae = f"taesd:{SHARED / 'models' / 'taef2'}"
+    cfg = make_cfg(
+        latent_shards,
+        tmp_path,
+        "weighted",
+        **{
+            "vae": vae,
+            "model.layout": "position",
+            "model.weighting": "decoder",
+            "model.weighting_samples": 16,
+            "model.quantizer.tokens": 256,
+            "model.quantizer.codebook_size": 16,
+            "train.max_steps": 6,
+        },
+    )
+    _run(cfg)
+    model = ReVQModel.from_pretrained(str(tmp_path / cfg.name / "export" / "latest"))
+    w = model.standardizer.channel_weight
+    assert float(w.mean()) == pytest.approx(1.0, rel=1e-5)
+    # taef2 cares about a few of its 32 channels far more than the rest (measured: 0.008 .. 15)
+    assert float(w.max()) > 5 and float(w.min()) < 0.1, w
+    assert model.channel_order.tolist() == torch.argsort(w, descending=True, stable=True).tolist()
+    from revq_ray.tokenizer import Tokenizer
+
+    tok = Tokenizer.build(vae, tmp_path / cfg.name / "export" / "latest")
+    images = torch.rand(2, 3, 64, 64)
+    ids = tok.encode(images)
+    assert ids.shape == (2, 256) and int(ids.max()) < 16
+    out = tok.decode(ids)
+    assert out.shape == (2, 3, 64, 64) and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    with torch.no_grad():  # the tokenizer decodes through the saved weights and order
+        assert torch.equal(tok.decode_latents(ids), model.decode(ids))
+
+
 def test_worker_failure_is_recovered_without_repeating_or_losing_steps(ray_local, latent_shards, tmp_path):
     # Checkpoint every 3 steps, rank 0 dies after step 5: steps 4-5 are rolled back and redone once.
     cfg = make_cfg(
@@ -102,9 +147,24 @@ def test_worker_failure_is_recovered_without_repeating_or_losing_steps(ray_local
 
 
 def test_rerun_with_same_name_resumes(ray_local, latent_shards, tmp_path):
-    """In bf16 (DeepSpeed's torch_autocast on CPU, the GPU default), fresh and resumed."""
+    """In bf16 (DeepSpeed's torch_autocast on CPU, the GPU default), fresh and resumed; on taef2 latents also
+    decoder-weighted in the position layout (the weights are measured once, then come from the checkpoint)."""
+    from revq_ray.data.shards import read_manifest
+
+    from .conftest import SHARED
+
     k = 4
     bf16 = {"train.epochs": 10, "train.precision": "bf16"}
+    weighted = "taef2" in read_manifest(str(latent_shards)).vae
+    if weighted:
+        bf16.update(
+            {
+                "vae": f"taesd:{SHARED / 'models' / 'taef2'}",
+                "model.layout": "position",
+                "model.weighting": "decoder",
+                "model.weighting_samples": 16,
+            }
+        )
     first = _run(make_cfg(latent_shards, tmp_path, "resume", **{**bf16, "train.max_steps": k}))
     assert first.metrics["step"] == k
     second = _run(make_cfg(latent_shards, tmp_path, "resume", **{**bf16, "train.max_steps": 2 * k}))
@@ -121,6 +181,10 @@ def test_rerun_with_same_name_resumes(ray_local, latent_shards, tmp_path):
 
     model = ReVQModel.from_pretrained(str(run_dir / "export" / "latest"))
     assert model.quantizer.codebook.dtype == torch.float32
+    if weighted:  # taef2 cares about a few of its 32 channels far more than the rest (measured: 0.008 .. 15)
+        w = model.standardizer.channel_weight
+        assert float(w.max()) > 5 and float(w.min()) < 0.1, w
+        assert model.channel_order.tolist() == torch.argsort(w, descending=True, stable=True).tolist()
     # the same name under other settings is another run: refused before any worker starts, keys named
     from revq_ray.train import build_trainer
 
