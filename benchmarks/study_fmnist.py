@@ -14,9 +14,10 @@ PNGs: they are the evaluation set, never trained on and never seen by a sweep.
 ``final`` trains every row for the study's budget (1,000 steps of 128 latents through Ray Train + DeepSpeed on
 CPU) and scores it with ``revq_ray.eval`` on the held-out PNGs (image -> ids -> image):
 
-- ``tuned``: ``configs/fashion_mnist_<bits>.yaml`` as committed (the sweep's winner plus the decoder-weighted
-  position layout, ``model.layout: position`` and ``model.weighting: decoder``, not searched by the sweep);
-- ``sweep``: the same winner as the sweep ran it (contiguous layout, unweighted);
+- ``tuned``: ``configs/fashion_mnist_<bits>.yaml`` as committed: the sweep's winner, in the decoder-weighted
+  position layout every trial ran in (``model.layout: position``, ``model.weighting: decoder``);
+- ``unweighted``: the same winner in ReVQ's contiguous layout, every channel weighed alike (what the
+  weighting adds);
 - ``before``: the recipe the study replaces (the ImageNet presets' recipe at a CPU width: vit 64x2, codebook
   lr 0.01, rectifier lr x0.05, reset once per epoch; T256 K256 / T512 K1024), as measured in issue 11;
 - ``authors_readme_lr`` (2,048 bits only): ``before`` with lr 5e-5, what the authors' README command runs
@@ -87,12 +88,12 @@ def row_configs(bits: int) -> dict[str, dict[str, Any]]:
     tuned = load_yaml(ROOT / "configs" / f"fashion_mnist_{bits}.yaml")
     tuned["output_dir"] = str(OUT / "runs")
     rows = {"tuned": tuned}
-    # the sweep's winner as the sweep ran it: ReVQ's contiguous layout, every channel weighed alike
-    sweep = copy.deepcopy(tuned)
-    set_dotted(sweep, "model.layout", "contiguous")
-    set_dotted(sweep, "model.weighting", "none")
-    rows["sweep"] = sweep
-    before = copy.deepcopy(sweep)
+    # the same winner in ReVQ's contiguous layout, every channel weighed alike: what the weighting adds
+    unweighted = copy.deepcopy(tuned)
+    set_dotted(unweighted, "model.layout", "contiguous")
+    set_dotted(unweighted, "model.weighting", "none")
+    rows["unweighted"] = unweighted
+    before = copy.deepcopy(unweighted)
     tokens, k = BEFORE_SHAPE[bits]
     for key, value in {
         "model.quantizer.tokens": tokens,
@@ -115,7 +116,7 @@ def row_configs(bits: int) -> dict[str, dict[str, Any]]:
         authors = copy.deepcopy(before)
         set_dotted(authors, "train.lr", AUTHORS_README_LR)
         rows["authors_readme_lr"] = authors
-    for name, base in (("vq", sweep), ("vq_weighted", tuned)):
+    for name, base in (("vq", unweighted), ("vq_weighted", tuned)):
         vq = copy.deepcopy(base)
         set_dotted(vq, "model.quantizer.type", "vq")
         set_dotted(vq, "model.quantizer.reset.enabled", False)
@@ -208,6 +209,12 @@ def final(args: argparse.Namespace) -> int:
         "budgets": {},
     }
     budgets = [int(b) for b in args.budgets.split(",") if b] or list(BUDGETS)
+    previous = RESULTS / "study_fmnist.json"
+    if previous.is_file() and set(budgets) != set(BUDGETS):
+        # a subset of the budgets: the others stay as the JSON recorded them (their runs may be on another
+        # machine); each budget's block is always replaced whole, never mixed
+        old = json.loads(previous.read_text())
+        out["budgets"] = {k: v for k, v in old.get("budgets", {}).items() if int(k) not in budgets}
     for bits in budgets:
         rows = []
         for name, cfg in row_configs(bits).items():
@@ -220,6 +227,7 @@ def final(args: argparse.Namespace) -> int:
             rows.append({"row": name, **_train_and_eval(cfg, spec, heldout)})
             _log(f"  {json.dumps(rows[-1]['summary'])[:400]}")
         out["budgets"][str(bits)] = {"rows": rows, "sweep": sweep_trials(bits)}
+    out["budgets"] = {k: out["budgets"][k] for k in sorted(out["budgets"], key=int)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "study_fmnist.json").write_text(json.dumps(out, indent=2, default=str))
     plot(out, RESULTS / "study_fmnist.png")
