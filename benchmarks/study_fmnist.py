@@ -146,6 +146,16 @@ def _train_and_eval(cfg_data: dict[str, Any], spec: str, heldout: Path) -> dict[
         ev = evaluate(run_dir, heldout, eval_dir, vae=spec, limit=None, device="cpu", log=_log)
         ev["train_s"] = round(time.perf_counter() - t0, 1)
         metrics_json.write_text(json.dumps(ev, indent=2, default=str))
+    return {
+        **_row_settings(cfg),
+        "train_and_eval_s": ev.get("train_s"),
+        "summary": ev["summary"],
+        "report": str(eval_dir / "report.md"),
+    }
+
+
+def _row_settings(cfg: Any) -> dict[str, Any]:
+    """What a row of the table says about its run (also how a recorded row is matched to its config)."""
     q = cfg.model.quantizer
     return {
         "name": cfg.name,
@@ -162,10 +172,22 @@ def _train_and_eval(cfg_data: dict[str, Any], spec: str, heldout: Path) -> dict[
         "rectifier_lr": cfg.train.lr * cfg.train.rectifier_lr_scale,
         "steps": cfg.train.max_steps,
         "batch_size": cfg.train.batch_size,
-        "train_and_eval_s": ev.get("train_s"),
-        "summary": ev["summary"],
-        "report": str(eval_dir / "report.md"),
     }
+
+
+def _recorded_row(previous: dict[str, Any], bits: int, row: str, cfg_data: dict[str, Any]) -> dict | None:
+    """The row as an earlier ``final`` recorded it in the results JSON, if its settings are the config's."""
+    from revq_ray.config import parse_config
+
+    want = _row_settings(parse_config(cfg_data))
+    for r in previous.get("budgets", {}).get(str(bits), {}).get("rows", []):
+        if r.get("row") == row and all(
+            r.get(k) == v if not isinstance(v, float) else abs(float(r.get(k, "nan")) - v) <= 1e-9 * abs(v)
+            for k, v in want.items()
+            if k != "name"
+        ):
+            return {**r, "recorded": "kept from the results JSON (same settings; not re-run here)"}
+    return None
 
 
 def sweep_trials(bits: int) -> list[dict[str, Any]]:
@@ -209,25 +231,30 @@ def final(args: argparse.Namespace) -> int:
         "budgets": {},
     }
     budgets = [int(b) for b in args.budgets.split(",") if b] or list(BUDGETS)
-    previous = RESULTS / "study_fmnist.json"
-    if previous.is_file() and set(budgets) != set(BUDGETS):
-        # a subset of the budgets: the others stay as the JSON recorded them (their runs may be on another
-        # machine); each budget's block is always replaced whole, never mixed
-        old = json.loads(previous.read_text())
-        out["budgets"] = {k: v for k, v in old.get("budgets", {}).items() if int(k) not in budgets}
+    # With --collect, what this machine has not run is taken from the results JSON as an earlier `final`
+    # recorded it: a row only when its settings are still the config's, a sweep when its results.csv is gone.
+    results_json = RESULTS / "study_fmnist.json"
+    previous = json.loads(results_json.read_text()) if args.collect and results_json.is_file() else {}
     for bits in budgets:
         rows = []
         for name, cfg in row_configs(bits).items():
             if wanted and name not in wanted:
                 continue
             if args.collect and not (OUT / "eval" / cfg["name"] / "metrics.json").is_file():
-                _log(f"{bits} bits: {name}: not evaluated yet, left out (--collect)")
+                recorded = _recorded_row(previous, bits, name, cfg)
+                if recorded is not None:
+                    rows.append(recorded)
+                    _log(f"{bits} bits: {name}: kept from {results_json.name} (same settings)")
+                else:
+                    _log(f"{bits} bits: {name}: not evaluated yet, left out (--collect)")
                 continue
             _log(f"{bits} bits: {name}")
             rows.append({"row": name, **_train_and_eval(cfg, spec, heldout)})
             _log(f"  {json.dumps(rows[-1]['summary'])[:400]}")
-        out["budgets"][str(bits)] = {"rows": rows, "sweep": sweep_trials(bits)}
-    out["budgets"] = {k: out["budgets"][k] for k in sorted(out["budgets"], key=int)}
+        sweep = sweep_trials(bits)
+        if not sweep and previous:
+            sweep = previous.get("budgets", {}).get(str(bits), {}).get("sweep", [])
+        out["budgets"][str(bits)] = {"rows": rows, "sweep": sweep}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "study_fmnist.json").write_text(json.dumps(out, indent=2, default=str))
     plot(out, RESULTS / "study_fmnist.png")

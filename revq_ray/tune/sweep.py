@@ -70,11 +70,21 @@ def _prepare_base(tcfg: TuneConfig) -> dict[str, Any]:
     return base_data
 
 
-def _new_tuner(tcfg: TuneConfig, trainable: Any, storage_path: str, events: str | None, verbose: int) -> Any:
-    """A fresh ``Tuner``: Optuna's (multi-objective) TPE, ASHA on the first objective (or FIFO)."""
+def _new_tuner(
+    tcfg: TuneConfig,
+    trainable: Any,
+    storage_path: str,
+    events: str | None,
+    verbose: int,
+    asha_records: str | None = None,
+) -> Any:
+    """A fresh ``Tuner``: Optuna's (multi-objective) TPE, ASHA on the first objective (or FIFO); ASHA's rung
+    records go to ``asha_records`` (local sweeps) so that a resume keeps stopping weak trials."""
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
+
+    from revq_ray.tune.asha import ResumableASHA
 
     metrics, modes = tcfg.metrics, tcfg.modes
     searcher = OptunaSearch(
@@ -85,7 +95,8 @@ def _new_tuner(tcfg: TuneConfig, trainable: Any, storage_path: str, events: str 
     )
     if tcfg.asha.enabled:
         # Multi-objective: ASHA can only rank on one number, the first objective.
-        scheduler = ASHAScheduler(
+        scheduler = ResumableASHA(
+            records=asha_records,
             time_attr=tcfg.asha.time_attr,
             metric=metrics[0],
             mode=modes[0],
@@ -155,7 +166,8 @@ def run_sweep(
         )
     else:
         write_text(join_location(sweep_dir, "tune_config.yaml"), dump_tune_config(tcfg))
-        tuner = _new_tuner(tcfg, trainable, storage_path, events, verbose)
+        asha_records = str(Path(sweep_dir, "asha_records.json")) if local else None
+        tuner = _new_tuner(tcfg, trainable, storage_path, events, verbose, asha_records)
     grid = tuner.fit()
     return write_outputs(tcfg, grid, base_data, sweep_dir)
 

@@ -182,3 +182,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(shards, tmp_path
     # The interrupted trial (started, not finished) was continued, not dropped.
     interrupted = started_before - finished_before
     assert interrupted and interrupted <= completed_after, (interrupted, completed_after)
+    # ASHA's rung records came back with the resume (revq_ray.tune.asha): the resumed scheduler read the first
+    # run's records before writing its own, so the trials finished before the kill are still in them.
+    rungs = json.loads((tmp_path / "resume" / "asha_records.json").read_text())["brackets"][0]
+    recorded = set().union(*(set(r) for r in rungs.values()))
+    assert finished_before <= recorded and completed_after <= recorded, (rungs, finished_before)
