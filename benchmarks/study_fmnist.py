@@ -26,7 +26,8 @@ CPU) and scores it with ``revq_ray.eval`` on the held-out PNGs (image -> ids -> 
 - ``vq_weighted``: the same plain VQ with the tuned layout and weighting.
 
 Prints a markdown table; writes ``benchmarks/results/study_fmnist.json`` (sweep trials + rows) and
-``benchmarks/results/study_fmnist.png``. Re-running resumes (finished runs and evaluations are kept).
+``benchmarks/results/study_fmnist.png``. Re-running resumes (finished runs and evaluations are kept); rows and
+budgets a call does not run stay in the JSON as recorded, as long as their settings are still the config's.
 """
 
 from __future__ import annotations
@@ -231,21 +232,23 @@ def final(args: argparse.Namespace) -> int:
         "budgets": {},
     }
     budgets = [int(b) for b in args.budgets.split(",") if b] or list(BUDGETS)
-    # With --collect, what this machine has not run is taken from the results JSON as an earlier `final`
-    # recorded it: a row only when its settings are still the config's, a sweep when its results.csv is gone.
+    # What this call does not run (rows left out by --rows and not evaluated here, rows not evaluated here
+    # with --collect, budgets left out by --budgets) is taken from the results JSON as an earlier `final`
+    # recorded it: a row only when its settings are still the config's, a sweep when its results.csv is
+    # gone. So the JSON accumulates and is never cut down to the subset one call ran.
     results_json = RESULTS / "study_fmnist.json"
-    previous = json.loads(results_json.read_text()) if args.collect and results_json.is_file() else {}
+    previous = json.loads(results_json.read_text()) if results_json.is_file() else {}
     for bits in budgets:
         rows = []
         for name, cfg in row_configs(bits).items():
-            if wanted and name not in wanted:
-                continue
-            if args.collect and not (OUT / "eval" / cfg["name"] / "metrics.json").is_file():
+            skipped = bool(wanted) and name not in wanted
+            evaluated = (OUT / "eval" / cfg["name"] / "metrics.json").is_file()  # read back, not re-run
+            if not evaluated and (skipped or args.collect):
                 recorded = _recorded_row(previous, bits, name, cfg)
                 if recorded is not None:
                     rows.append(recorded)
                     _log(f"{bits} bits: {name}: kept from {results_json.name} (same settings)")
-                else:
+                elif not skipped:
                     _log(f"{bits} bits: {name}: not evaluated yet, left out (--collect)")
                 continue
             _log(f"{bits} bits: {name}")
@@ -255,6 +258,9 @@ def final(args: argparse.Namespace) -> int:
         if not sweep and previous:
             sweep = previous.get("budgets", {}).get(str(bits), {}).get("sweep", [])
         out["budgets"][str(bits)] = {"rows": rows, "sweep": sweep}
+    for key, block in previous.get("budgets", {}).items():  # budgets left out by --budgets: as recorded
+        out["budgets"].setdefault(key, block)
+    out["budgets"] = {k: out["budgets"][k] for k in sorted(out["budgets"], key=int)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "study_fmnist.json").write_text(json.dumps(out, indent=2, default=str))
     plot(out, RESULTS / "study_fmnist.png")
