@@ -17,6 +17,10 @@ from typing import Any
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
 
+from revq_ray.runtime import get_logger
+
+_log = get_logger("revq_ray.tune")
+
 
 class ResumableASHA(AsyncHyperBandScheduler):
     """:class:`ray.tune.schedulers.ASHAScheduler` whose rung records survive a resume.
@@ -59,8 +63,13 @@ class ResumableASHA(AsyncHyperBandScheduler):
         if not self._records:
             return
         tmp = f"{self._records}.tmp"
-        Path(tmp).write_text(json.dumps({"brackets": self.records()}))
-        os.replace(tmp, self._records)  # a kill mid-write leaves the previous records, never half a file
+        try:
+            Path(tmp).write_text(json.dumps({"brackets": self.records()}))
+            os.replace(tmp, self._records)  # a kill mid-write leaves the previous records, never half a file
+        except OSError as e:  # e.g. a sweep folder moved since it started: keep tuning, only the file is lost
+            if not getattr(self, "_records_warned", False):
+                self._records_warned = True
+                _log.warning("warning: cannot write ASHA's records to %s: %s", self._records, e)
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         self._load_records()

@@ -54,3 +54,15 @@ def test_a_resumed_sweep_still_stops_weak_trials(tmp_path):
     weak2 = _trial("weak")
     forgetful.on_trial_add(None, weak2)
     assert _result(forgetful, weak2, 125, 0.9) == TrialScheduler.CONTINUE
+
+
+def test_an_unwritable_records_file_does_not_stop_the_sweep(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    from revq_ray.tune.asha import ResumableASHA
+
+    moved = ResumableASHA(records=str(tmp_path / "gone" / "asha_records.json"), **ASHA)  # folder moved away
+    t = _trial("t0")
+    moved.on_trial_add(None, t)
+    assert _result(moved, t, 125, 0.1) == TrialScheduler.CONTINUE
+    assert not (tmp_path / "gone").exists()
