@@ -18,6 +18,18 @@ STATUS_COLORS = {
 }
 
 
+def metric_scale(values: list[float]) -> str:
+    """The metric axes' scale: "log" once positive values spread over more than 20x, else "linear".
+
+    A few failed configurations can sit 100x above the rest (the 5,120-bit study's T2048 trials) and, on a
+    linear axis, flatten every good trial onto zero, which is where the choice between them is made.
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    if finite and min(finite) > 0 and max(finite) > 20 * min(finite):
+        return "log"
+    return "linear"
+
+
 def plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
     """``sweep.png``: the metric per trial, its learning curves, and the metric against each searched key."""
     import matplotlib
@@ -76,6 +88,9 @@ def plot_sweep(tcfg: TuneConfig, rows: list[dict[str, Any]]) -> bytes:
                 ax.set_xlim(*(dist.uniform or dist.int_))
         ax.set_xlabel(key)
         ax.set_ylabel(primary)
+    values = [r[primary] for r in rows if isinstance(r.get(primary), (builtins.int, float))]
+    for ax in flat[:n]:
+        ax.set_yscale(metric_scale(values))
     for ax in flat[n:]:
         ax.axis("off")
     fig.suptitle(f"sweep {tcfg.name}: {len(rows)} trials")

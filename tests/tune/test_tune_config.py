@@ -188,3 +188,14 @@ def test_latent_size_from_manifest(tmp_path):
     base.write_text(yaml.safe_dump({"data": {"shards": str(tmp_path / "missing")}}))
     with pytest.raises(ConfigError, match="latent_shape"):
         load_tune_config(sweep, check_data=True)
+
+
+def test_sweep_plot_goes_logarithmic_only_when_trials_spread_widely():
+    from revq_ray.tune.plots import metric_scale
+
+    assert metric_scale([0.0037, 0.0041, 0.34]) == "log"  # the 5,120-bit study: 90x apart
+    assert metric_scale([0.0163, 0.0179, 0.0488]) == "linear"  # 3x: a linear axis reads better
+    assert metric_scale([0.0, 0.5, 1.0]) == "linear"  # a zero has no place on a log axis
+    assert metric_scale([-1.0, 30.0]) == "linear"  # nor a negative metric (mode: max sweeps)
+    assert metric_scale([0.01, float("nan"), 1.0]) == "log"  # a diverged trial does not decide it
+    assert metric_scale([]) == "linear"
