@@ -26,8 +26,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import shutil
+import sys
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,10 +175,9 @@ class _Writer:
 
 def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``revq-ray tokenize`` (see the module docstring); returns the manifest."""
-    from revq_ray.tokenizer import Tokenizer
-
     from revq_ray.data import fs as _fs
     from revq_ray.runtime import is_uri
+    from revq_ray.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
     remote = str(args.output) if is_uri(args.output) else None

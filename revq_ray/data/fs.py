@@ -107,9 +107,9 @@ class StorageError(ValueError):
 
 
 _HOW_S3 = (
-    "S3 is configured the standard AWS way: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile / instance "
-    "role), AWS_DEFAULT_REGION, and for an S3-compatible server (MinIO, ...) AWS_ENDPOINT_URL=http://host:port "
-    "or ?endpoint_override=host:port&scheme=http in the URI"
+    "S3 is configured the standard AWS way: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile / "
+    "instance role), AWS_DEFAULT_REGION, and for an S3-compatible server (MinIO, ...) "
+    "AWS_ENDPOINT_URL=http://host:port"
 )
 
 

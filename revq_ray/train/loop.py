@@ -262,8 +262,9 @@ def setup(config: dict[str, Any]) -> Run:
         fetch_run_dir(plan)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     reporter = Reporter(
-        run_dir=Path(plan.run_dir), run_location=plan.run_uri, rank=rank, samples_per_step=plan.micro_batch * world,
-        total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, start_step=state.step,
+        run_dir=Path(plan.run_dir), run_location=plan.run_uri, rank=rank,
+        samples_per_step=plan.micro_batch * world, total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch, start_step=state.step,
         device=device, reduce_floats=coll.sum_floats,
     )  # fmt: skip
     run = Run(
@@ -451,7 +452,7 @@ def _maybe_fail_for_test(run: Run) -> None:
     if marker.exists():
         return
     marker.write_text(f"failed once at step {run.state.step}\n")
-    sync_run_dir(run)  # with URI storage the restarted rank 0 fetches the run folder: the marker must be there
+    sync_run_dir(run)  # URI storage: the restarted rank 0 fetches the run folder, the marker must be in it
     # Give the controller time to register the reports made so far (it drains them every health check), so
     # the restart point is the last checkpoint reported, not a race.
     time.sleep(2 * Reporter.report_interval_s + 1)
