@@ -34,6 +34,7 @@ losses and gradient norms stay device tensors until a report needs them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -192,13 +193,31 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
+@contextlib.contextmanager
+def _local_checkpoint_dir(checkpoint: Any, rank: int) -> Iterator[str]:
+    """The checkpoint as a local folder: itself on a local filesystem; a download of this rank's own from an
+    object store. Not Ray's ``as_directory()`` there: its folder is shared by the ranks of a node, and a rank
+    that finds the download lock free downloads again into it, truncating the files another rank is reading
+    (restores from s3:// failed with "PytorchStreamReader failed reading file" on two ranks per node)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix=f"revq_restore_r{rank}_")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _restore(engine: Any, rank: int, world: int) -> ckpt.TrainerState:
     import ray.train
 
     restored = ray.train.get_checkpoint()
     if restored is None:
         return ckpt.TrainerState(world_size=world)
-    with restored.as_directory() as d:
+    with _local_checkpoint_dir(restored, rank) as d:
         state = ckpt.load(engine, d, rank, world)
     if rank == 0:
         _log(

@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,8 +161,13 @@ def _encode_argv(out: str, tmp: Path) -> list[str]:
         ImageConvVAE(image_size=32, width=16, latent_channels=16).save_pretrained(str(tmp / "vae"))
         src, vae, size = str(src_dir), f"builtin:{tmp / 'vae'}", "32"
     return ["encode", "--input", src, "--vae", vae, "--output", out, "--limit", str(N_IMAGES),
-            "--image-size", size, "--shard-size", str(SHARD_SIZE), "--batch-size", "16", "--num-actors", "1",
-            "--logvar"]  # fmt: skip
+            "--image-size", size, "--shard-size", str(SHARD_SIZE), "--batch-size", "16",
+            "--num-actors", "1"]  # fmt: skip
+
+
+def _finished(keys: list[str]) -> list[str]:
+    """The shards an encode finished: a shard's JSON sidecar is written after its tar."""
+    return [k for k in keys if k.rsplit("/", 1)[-1].startswith("shard-") and k.endswith(".json")]
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +182,7 @@ def encoded(s3, tmp_path_factory):
     deadline = time.monotonic() + 600
     try:
         while time.monotonic() < deadline and proc.poll() is None:
-            if len([k for k in _ls("latents") if k.endswith(".tar")]) >= 2:
+            if len(_finished(_ls("latents"))) >= 2:
                 break
             time.sleep(0.5)
     finally:
@@ -185,7 +191,7 @@ def encoded(s3, tmp_path_factory):
         log = proc.communicate()[0]
     before = _ls("latents")
     assert "latents/manifest.json" not in before, "killed too late: the first run finished\n" + log[-3000:]
-    assert len([k for k in before if k.endswith(".tar")]) >= 2, log[-3000:]
+    assert len(_finished(before)) >= 2, log[-3000:]
     done = _cli(*argv)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"uri": uri, "before": before, "stdout": done.stdout, "spec": argv[argv.index("--vae") + 1]}
@@ -195,12 +201,10 @@ def test_encode_to_s3_resumes_after_a_kill(encoded):
     from revq_ray.data.shards import read_manifest
 
     m = read_manifest(encoded["uri"])
-    assert m.count == N_IMAGES and len(m.shards) == N_IMAGES // SHARD_SIZE and m.has_logvar
+    assert m.count == N_IMAGES and len(m.shards) == N_IMAGES // SHARD_SIZE
     kept = int(encoded["stdout"].split(" kept from an earlier run")[0].rsplit("written, ", 1)[1])
-    assert kept >= 2, encoded["stdout"]
-    # the shards the killed run finished were not written again: same bytes, same objects
-    tars = [k for k in encoded["before"] if k.endswith(".tar")]
-    assert all(k in _ls("latents") for k in tars)
+    # every shard the killed run finished is kept, the rest written
+    assert kept == len(_finished(encoded["before"])) >= 2, encoded["stdout"]
     assert not [k for k in _ls("latents") if ".tmp-" in k]
 
 
@@ -311,3 +315,22 @@ def test_import_revq_writes_its_bundle_to_s3(s3, tmp_path):
     model = ReVQModel.from_pretrained(str(local / "model"))
     assert model.tokens == 512
     assert json.loads(_read("bundles/512T/tokenizer.json"))["tokens"] == 512
+
+
+# --------------------------------------------------------------------------------------------- 6. tune
+@pytest.mark.extended
+def test_tune_sweep_with_its_storage_on_s3(encoded):
+    out = f"s3://{BUCKET}/sweeps"
+    done = _cli(
+        "tune", "--config", "tuning/debug.yaml", "--set", f"output_dir={out}", "--set", "num_samples=2",
+        "--set", "max_concurrent=1", "--set", "asha.max_t=1", "--train-set", f"data.shards={encoded['uri']}",
+        timeout=1500,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    keys = _ls("sweeps/debug")
+    for f in ("results.csv", "best.yaml", "tune_config.yaml"):
+        assert f"sweeps/debug/{f}" in keys, keys
+    rows = list(csv.DictReader(io.StringIO(_read("sweeps/debug/results.csv").decode())))
+    assert len(rows) == 2 and all(r["val_mse"] for r in rows), rows
+    # each trial's Train run keeps its checkpoints and exports in the bucket too
+    assert any(re.search(r"sweeps/debug/runs/[^/]+/export/best/model.safetensors$", k) for k in keys), keys
