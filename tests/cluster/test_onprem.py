@@ -153,12 +153,16 @@ class Host:
             ["unshare", "--pid", "--fork", "--mount-proc", "--net", "--", "bash", "-c", script],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        self.pid = self._sshd_pid()
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_")) and k != "PYTHONPATH"
         }
         self.env.update(HOME=str(self.client_home), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ['PATH']}")
         self.s3 = None
+        try:
+            self.pid = self._sshd_pid()
+        except BaseException:
+            self.stop()
+            raise
 
     def _sshd_pid(self) -> int:
         import psutil
