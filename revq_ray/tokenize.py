@@ -29,6 +29,7 @@ import json
 import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -187,9 +188,7 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
     items = list_inputs(args.input, probe.modality)
     shards = args.format == "shards" or (args.format == "auto" and len(items) > NPY_MAX_FILES)
     # A URI output is written into a local staging folder, then uploaded whole (manifest last).
-    out = _fs.cache_dir(remote, "staging") if remote else Path(args.output).expanduser()
-    if remote:
-        shutil.rmtree(out, ignore_errors=True)
+    out = Path(tempfile.mkdtemp(prefix="revq_tokens_")) if remote else Path(args.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     writer, skipped = _Writer(out, shards, args.shard_size), []
     log(f"[tokenize] {len(items)} {probe.modality} files from {args.input} with {probe!r}")

@@ -62,14 +62,13 @@ def local_model_path(path: str | os.PathLike) -> Path:
         return Path(loc).expanduser()
     from revq_ray.data import fs as _fs
 
-    dst = _fs.local_copy(loc, skip_prefix=("checkpoint_",))
     parts = loc.rstrip("/").rsplit("/", 2)
-    if len(parts) == 3 and parts[1] == "export":  # <run>/export/<name>: fetch the run's files too
-        fs, run_path = _fs.resolve(parts[0])
-        for name in _RUN_FILES:
-            if _fs.is_file(fs, _fs.join(run_path, name)):
-                (dst.parent.parent / name).write_bytes(_fs.read_bytes(fs, _fs.join(run_path, name)))
-    return dst
+    if len(parts) == 3 and parts[1] == "export":  # <run>/export/<name>: the exports and the run's files
+        out = _fs.local_copy(parts[0], only=("export", *_RUN_FILES)) / "export" / parts[2]
+        if not out.is_dir():
+            raise FileNotFoundError(f"{loc}: no such export (train writes export/best and export/latest)")
+        return out
+    return _fs.local_copy(loc, skip_prefix=("checkpoint_",))
 
 
 def resolve_model_dir(path: str | os.PathLike) -> Path:

@@ -222,18 +222,51 @@ def cache_dir(location: str, kind: str) -> Path:
     return Path.home() / ".cache" / "revq_ray" / kind / f"{scheme}-{tag}" / rest.strip("/")
 
 
-def local_copy(location: str | os.PathLike, *, skip_prefix: tuple[str, ...] = ()) -> Path:
-    """A local folder holding the files of ``location``: the path itself when local, else a fresh download
-    of the URI into :func:`cache_dir` (re-downloaded each call, so a newer export replaces an older one);
-    top-level names starting with one of ``skip_prefix`` are left out (a run's checkpoints)."""
+def local_copy(
+    location: str | os.PathLike, *, skip_prefix: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+) -> Path:
+    """A local folder holding the files of ``location``: the path itself when local, else a download of the
+    URI under :func:`cache_dir`, in a folder named after a fingerprint of the listing (names, sizes, times):
+    a newer upload gets a new folder, an unchanged one is reused, and a folder is only ever renamed into
+    place whole, so processes of one node (Ray actors loading one model) never read a half-written or
+    re-downloaded file. Top-level names starting with one of ``skip_prefix`` are left out; with ``only``,
+    just those top-level names are fetched."""
     import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
 
     loc = str(location)
     if not is_uri(loc):
         return Path(loc).expanduser()
     check_location(loc)
-    dst = cache_dir(loc, "remote")
-    shutil.rmtree(dst, ignore_errors=True)
-    if download_tree(loc, dst, skip_prefix=skip_prefix) == 0:
+    fs, root = resolve(loc)
+    root = root.rstrip("/")
+
+    def wanted(path: str) -> bool:
+        top = path[len(root) :].lstrip("/").split("/", 1)[0]
+        return (only is None or top in only) and not (skip_prefix and top.startswith(skip_prefix))
+
+    listing = sorted(
+        (i.path, i.size, str(i.mtime))
+        for i in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+        if i.type == pafs.FileType.File and wanted(i.path)
+    )
+    if not listing:
         raise FileNotFoundError(f"{loc}: no files there")
+    base = cache_dir(loc, "remote")
+    dst = base / hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+    if dst.is_dir():
+        return dst
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=base))
+    try:
+        download_tree(loc, tmp, skip_prefix=skip_prefix, only=only)
+        try:
+            tmp.rename(dst)
+        except OSError:  # another process renamed the same download into place first
+            if not dst.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -352,14 +352,14 @@ def write_bundle(model: Any, output: str | os.PathLike, vae_spec: str, source: d
     ``output`` (``s3://...``) is written into a local staging folder, then uploaded (``tokenizer.json``
     last, so a reader never finds a bundle without its model); the URI is returned."""
     import shutil
+    import tempfile
 
     from revq_ray.data import fs as _fs
     from revq_ray.runtime import is_uri
     from revq_ray.tokenizer import CONFIG_NAME, FORMAT, MODEL_SUBDIR, VERSION
 
     if is_uri(output):
-        staging = _fs.cache_dir(str(output), "staging")
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix="revq_bundle_"))
         try:
             write_bundle(model, staging, vae_spec, source)
             _fs.upload_tree(staging, str(output), skip=(CONFIG_NAME,))
