@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from revq_ray.data.fs import check_location
 
     try:
-        # an unusable URI fails in seconds, before Ray starts (the base's shards are read just below)
+        # an unusable output URI fails in seconds, before Ray starts
         tcfg = load_tune_config(args.config, args.overrides, train_overrides=args.train_overrides)
         check_location(tcfg.output_dir, write=True)
     except (ConfigError, ValueError) as err:
