@@ -86,7 +86,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     import os
 
     from revq_ray.data.encode import READER_CPUS, check_result, encode_to_shards
+    from revq_ray.data.fs import check_location
     from revq_ray.runtime import init_ray
+
+    try:  # an unusable URI fails here, in seconds, before Ray starts
+        check_location(args.input)
+        check_location(args.output, write=True)
+    except ValueError as err:
+        print(f"revq_ray.encode: error: {err}", file=sys.stderr)
+        return 2
 
     # Joins $RAY_ADDRESS, else a local Ray sized like Ray's default (one logical CPU per core), with room for
     # a reader beside the VAE actors (without it Ray Data never schedules a read and waits forever).

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -174,13 +176,19 @@ class _Writer:
 
 def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``revq-ray tokenize`` (see the module docstring); returns the manifest."""
+    from revq_ray.data import fs as _fs
+    from revq_ray.runtime import is_uri
     from revq_ray.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
+    remote = str(args.output) if is_uri(args.output) else None
+    if remote:  # fail in seconds, before any model is loaded, when the store cannot take the output
+        _fs.check_location(remote, write=True)
     probe = Tokenizer.from_pretrained(args.model, vae=args.vae)  # shapes, modality; checks the model early
     items = list_inputs(args.input, probe.modality)
     shards = args.format == "shards" or (args.format == "auto" and len(items) > NPY_MAX_FILES)
-    out = Path(args.output).expanduser()
+    # A URI output is written into a local staging folder, then uploaded whole (manifest last).
+    out = Path(tempfile.mkdtemp(prefix="revq_tokens_")) if remote else Path(args.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     writer, skipped = _Writer(out, shards, args.shard_size), []
     log(f"[tokenize] {len(items)} {probe.modality} files from {args.input} with {probe!r}")
@@ -196,7 +204,7 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
         "format": FORMAT,
         "version": VERSION,
         "tokenizer": {
-            "model": str(Path(args.model).expanduser().resolve()),
+            "model": str(args.model) if is_uri(args.model) else str(Path(args.model).expanduser().resolve()),
             "vae": args.vae,  # None: the bundle's own VAE
             "modality": probe.modality,
             "tokens": probe.tokens,
@@ -213,9 +221,13 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
         "items": writer.items,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    if remote:
+        _fs.upload_tree(out, remote, skip=(MANIFEST,))
+        _fs.upload_tree(out, remote, skip=tuple(p.name for p in out.iterdir() if p.name != MANIFEST))
+        shutil.rmtree(out, ignore_errors=True)
     where = f"{len(writer.shard_names)} webdataset shards" if shards else "ids/*.npy"
     log(
-        f"[tokenize] {len(writer.items)} files -> {where} + {MANIFEST} in {out} "
+        f"[tokenize] {len(writer.items)} files -> {where} + {MANIFEST} in {remote or out} "
         f"({len(skipped)} unreadable skipped; {time.perf_counter() - t0:.1f}s)"
     )
     return manifest
@@ -224,7 +236,9 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
 # ------------------------------------------------------------------------------------------- detokenize
 def read_tokens(path: str | Path) -> tuple[dict[str, Any], Iterator[tuple[dict[str, Any], np.ndarray]]]:
     """A ``tokenize`` output directory -> (manifest, iterator of (item metadata, ids array))."""
-    root = Path(path).expanduser()
+    from revq_ray.data.fs import local_copy
+
+    root = local_copy(path)  # a URI (tokenize's s3:// output) is downloaded first
     mf = root / MANIFEST
     if not mf.is_file():
         raise FileNotFoundError(f"--input {str(root)!r}: no {MANIFEST} (write one with `revq-ray tokenize`)")

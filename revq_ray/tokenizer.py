@@ -47,13 +47,37 @@ _BUNDLE_PREFIX = "bundle://"  # marks a VAE spec whose path is relative to the b
 
 
 # --------------------------------------------------------------------------------------------- locating
+_RUN_FILES = ("config.json", "config.yaml", "metrics.csv")  # what a run's export is read with
+
+
+def local_model_path(path: str | os.PathLike) -> Path:
+    """``path`` as a local folder. A URI (``s3://...``: a bundle, an export or a run folder) is downloaded
+    into ``~/.cache/revq_ray/remote/...`` first (a run folder without its checkpoints; an export
+    ``<run>/export/<name>`` with its run's config and metrics beside it, as on disk), so everything that
+    reads a model reads local files; an unusable URI fails naming it."""
+    from revq_ray.runtime import is_uri
+
+    loc = str(path)
+    if not is_uri(loc):
+        return Path(loc).expanduser()
+    from revq_ray.data import fs as _fs
+
+    parts = loc.rstrip("/").rsplit("/", 2)
+    if len(parts) == 3 and parts[1] == "export":  # <run>/export/<name>: the exports and the run's files
+        out = _fs.local_copy(parts[0], only=("export", *_RUN_FILES)) / "export" / parts[2]
+        if not out.is_dir():
+            raise FileNotFoundError(f"{loc}: no such export (train writes export/best and export/latest)")
+        return out
+    return _fs.local_copy(loc, skip_prefix=("checkpoint_",))
+
+
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """A directory holding a ``save_pretrained`` ReVQModel, from a tokenizer bundle, an export or a run dir.
 
     Accepted: a Tokenizer bundle (``<dir>/model``), an export (``config.json`` + ``model.safetensors``),
     or a training run directory (``export/best``, else ``export/latest``).
     """
-    p = Path(path).expanduser()
+    p = local_model_path(path)
     candidates = [p, p / MODEL_SUBDIR, p / "export" / "best", p / "export" / "latest"]
     for c in candidates:
         if (c / "config.json").is_file() and (c / "model.safetensors").is_file():
@@ -221,7 +245,7 @@ class Tokenizer:
 
         Also accepts an export or run directory plus ``vae=<spec>`` (or a run whose config names its VAE).
         """
-        path = Path(path).expanduser()
+        path = local_model_path(path)
         cfg_file = path / CONFIG_NAME
         if not cfg_file.is_file():
             spec = vae or vae_spec_from_run(resolve_model_dir(path))

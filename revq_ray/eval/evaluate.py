@@ -143,13 +143,20 @@ def evaluate(
 def _setup(model, input, output, vae, limit, device, run_dir, log, vocoder) -> _Eval:
     """Load the model, find and load its VAE, read the input."""
     from revq_ray.core.model import ReVQModel
-    from revq_ray.tokenizer import Tokenizer, image_resize_of, load_vae_for, resolve_model_dir, run_dir_of
+    from revq_ray.tokenizer import (
+        Tokenizer,
+        image_resize_of,
+        load_vae_for,
+        local_model_path,
+        resolve_model_dir,
+        run_dir_of,
+    )
 
     t0 = time.perf_counter()
     dev = _pick_device(device)
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = Path(model).expanduser()
+    model_path = local_model_path(model)  # a URI (s3://...) is downloaded once, here
     model_dir = resolve_model_dir(model_path)
     net = ReVQModel.from_pretrained(str(model_dir)).to(dev).eval()
     if run_dir is None:

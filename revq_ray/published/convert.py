@@ -347,10 +347,26 @@ def resolve_source(
     return ckpt, yml, Path(stats) if stats else None
 
 
-def write_bundle(model: Any, output: str | os.PathLike, vae_spec: str, source: dict[str, Any]) -> Path:
-    """A Tokenizer bundle (``tokenizer.json`` + ``model/``) for ``model``, without loading the VAE."""
+def write_bundle(model: Any, output: str | os.PathLike, vae_spec: str, source: dict[str, Any]) -> Path | str:
+    """A Tokenizer bundle (``tokenizer.json`` + ``model/``) for ``model``, without loading the VAE. A URI
+    ``output`` (``s3://...``) is written into a local staging folder, then uploaded (``tokenizer.json``
+    last, so a reader never finds a bundle without its model); the URI is returned."""
+    import shutil
+    import tempfile
+
+    from revq_ray.data import fs as _fs
+    from revq_ray.runtime import is_uri
     from revq_ray.tokenizer import CONFIG_NAME, FORMAT, MODEL_SUBDIR, VERSION
 
+    if is_uri(output):
+        staging = Path(tempfile.mkdtemp(prefix="revq_bundle_"))
+        try:
+            write_bundle(model, staging, vae_spec, source)
+            _fs.upload_tree(staging, str(output), skip=(CONFIG_NAME,))
+            _fs.upload_tree(staging, str(output), skip=(MODEL_SUBDIR,))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(output)
     out = Path(output).expanduser()
     model.save_pretrained(str(out / MODEL_SUBDIR))
     size = int(model.latent_shape[-1]) * DCAE_FACTOR
@@ -374,13 +390,17 @@ def import_revq(
     stats: str | None = None,
     vae_spec: str = DCAE_VAE_SPEC,
     revision: str | None = None,
-) -> Path:
-    """Convert a published ReVQ model into a Tokenizer bundle at ``output``; returns ``output``.
+) -> Path | str:
+    """Convert a published ReVQ model into a Tokenizer bundle at ``output`` (a folder or a URI); returns
+    ``output``.
 
     ``source``: a local snapshot directory (holding ``ckpt.pth`` and the yaml) or a hub repo id (or one of
     ``512T``, ``256T-B``, ``256T-L``); or pass ``checkpoint`` and ``config`` files. ``stats``: the latent
     statistics (``mean``/``std`` safetensors); found in a snapshot directory when it holds one.
     """
+    from revq_ray.data.fs import check_location
+
+    check_location(output, write=True)  # a URI that cannot take the bundle fails now, not after converting
     ckpt_path, yaml_path, stats_path = resolve_source(source, checkpoint, config, stats, revision)
     spec = read_published_yaml(yaml_path)
     if stats_path is None:

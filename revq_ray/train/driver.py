@@ -12,8 +12,9 @@ Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of th
 
 Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores
 the run's checkpoint history from ``R``). ``output_dir`` may be a URI (s3://, gs://): checkpoints then live
-there, while the CSV/TensorBoard logs and exports are written on the rank-0 node under
-``~/.cache/revq_ray/runs/<name>`` (they are small; copy them if you need them elsewhere).
+there too: rank 0 writes the CSV/TensorBoard logs, exports and run files into a local folder standing for
+the run (``~/.cache/revq_ray/runs/...``) and mirrors it to ``R`` at every checkpoint and export and at the
+end; a restarted rank 0 on any node fetches it back first.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
 from revq_ray.runtime import add_set_argument, get_logger, init_ray
 from revq_ray.train.identity import check_run_identity
-from revq_ray.train.plan import ensure_shards, plan_run, resolve_paths
+from revq_ray.train.plan import check_storage, ensure_shards, plan_run, resolve_paths
 
 __all__ = [
     "build_trainer",
@@ -100,6 +101,7 @@ def build_trainer(
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    check_storage(cfg)  # an unusable URI fails here, in seconds, before Ray starts
     init_ray()
     quiet_data_progress()
     cfg = resolve_paths(cfg)
@@ -186,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    try:
+        check_storage(cfg)  # an unusable URI fails in seconds, before Ray starts
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     init_ray(args.address)
     try:
         result = run(cfg)

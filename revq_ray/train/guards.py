@@ -83,7 +83,14 @@ def failure_message(err: BaseException) -> str:
 
 def existing_exports(run_dir: Any) -> list[str]:
     """The export folders of a run that exist (``export/best``, ``export/latest``), as strings."""
-    from pathlib import Path
+    from revq_ray.data import fs as _fs
+    from revq_ray.runtime import join_location
 
-    root = Path(str(run_dir)) / "export"
-    return [str(root / n) for n in ("best", "latest") if (root / n / "model.safetensors").is_file()]
+    if not run_dir:
+        return []
+    fs, root = _fs.resolve(str(run_dir))
+    return [
+        join_location(str(run_dir), "export", n)
+        for n in ("best", "latest")
+        if _fs.is_file(fs, _fs.join(root, f"export/{n}/model.safetensors"))
+    ]

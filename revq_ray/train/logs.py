@@ -206,10 +206,13 @@ class Reporter:
     report_interval_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 
     def __init__(self, *, run_dir: Path, rank: int, samples_per_step: int, total_steps: int,
-                 steps_per_epoch: int, start_step: int, device: Any, reduce_floats: Any):  # fmt: skip
+                 steps_per_epoch: int, start_step: int, device: Any, reduce_floats: Any,
+                 run_location: str | None = None):  # fmt: skip
         import torch
 
         self.run_dir, self.rank = Path(run_dir), rank
+        # what the metrics call the run folder: the URI it is mirrored to, else the local folder
+        self.run_location = run_location or str(self.run_dir)
         self.samples_per_step, self.total, self.spe = samples_per_step, total_steps, steps_per_epoch
         self.start_step = start_step
         self.reduce_floats = reduce_floats  # list[float] -> list[float], summed over ranks
@@ -261,7 +264,7 @@ class Reporter:
             **means,
             "samples_per_s": self.win_steps * self.samples_per_step / elapsed,
             "reset_codes": self.reset_codes,
-            "run_dir": str(self.run_dir),
+            "run_dir": self.run_location,
         }
         m.update({k: v for k, v in extra.items() if v is not None})
         return m

@@ -34,6 +34,7 @@ losses and gradient norms stay device tensors until a report needs them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -192,13 +193,31 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
+@contextlib.contextmanager
+def _local_checkpoint_dir(checkpoint: Any, rank: int) -> Iterator[str]:
+    """The checkpoint as a local folder: itself on a local filesystem; a download of this rank's own from an
+    object store. Not Ray's ``as_directory()`` there: its folder is shared by the ranks of a node, and a rank
+    that finds the download lock free downloads again into it, truncating the files another rank is reading
+    (restores from s3:// failed with "PytorchStreamReader failed reading file" on two ranks per node)."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield checkpoint.path
+        return
+    tmp = tempfile.mkdtemp(prefix=f"revq_restore_r{rank}_")
+    try:
+        yield checkpoint.to_directory(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _restore(engine: Any, rank: int, world: int) -> ckpt.TrainerState:
     import ray.train
 
     restored = ray.train.get_checkpoint()
     if restored is None:
         return ckpt.TrainerState(world_size=world)
-    with restored.as_directory() as d:
+    with _local_checkpoint_dir(restored, rank) as d:
         state = ckpt.load(engine, d, rank, world)
     if rank == 0:
         _log(
@@ -258,10 +277,13 @@ def setup(config: dict[str, Any]) -> Run:
     schedule = Schedule(
         cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
     )
+    if rank == 0 and plan.run_uri:
+        fetch_run_dir(plan)
     Path(plan.run_dir).mkdir(parents=True, exist_ok=True)
     reporter = Reporter(
-        run_dir=Path(plan.run_dir), rank=rank, samples_per_step=plan.micro_batch * world,
-        total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch, start_step=state.step,
+        run_dir=Path(plan.run_dir), run_location=plan.run_uri, rank=rank,
+        samples_per_step=plan.micro_batch * world, total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch, start_step=state.step,
         device=device, reduce_floats=coll.sum_floats,
     )  # fmt: skip
     run = Run(
@@ -272,6 +294,38 @@ def setup(config: dict[str, Any]) -> Run:
     )  # fmt: skip
     _write_run_files(run, config)
     return run
+
+
+# --------------------------------------------------------------------------------------------- object store
+# Ray Train keeps the checkpoints in storage itself; the rest of a run folder (metrics.csv, TensorBoard, the
+# exports, config/workers/starts files) is written by rank 0 into the local ``plan.run_dir`` and mirrored to
+# ``plan.run_uri`` when a checkpoint or an export is made and at the end, so the object store holds the logs
+# of the committed timeline. A restarted rank 0 (any node) first fetches that mirror back.
+_NOT_MIRRORED = ("ranks",)  # per-rank test exports stay on their nodes
+# What rank 0 writes into a run folder (the rest of <storage>/<name> is Ray Train's and the identity file):
+# only these come back from the store, so a stale copy of Ray's own files is never written over newer ones.
+_MIRRORED = ("metrics.csv", "starts.csv", "steps.log", "tensorboard", "export", "config.json", "workers.json",
+             FAIL_MARKER)  # fmt: skip
+
+
+def fetch_run_dir(plan: RunPlan) -> None:
+    """Rank 0, URI storage: replace the local run folder with the run's files in the object store (none for a
+    new run), so logs continue where the checkpoint's timeline is, whichever node this rank runs on."""
+    from revq_ray.data.fs import download_tree
+
+    shutil.rmtree(plan.run_dir, ignore_errors=True)
+    n = download_tree(plan.run_uri, plan.run_dir, only=_MIRRORED)
+    if n:
+        _log(f"fetched {n} run files from {plan.run_uri} into {plan.run_dir}")
+
+
+def sync_run_dir(run: Run) -> None:
+    """Rank 0, URI storage: copy the local run folder to ``plan.run_uri`` (small files; whole objects)."""
+    if run.rank != 0 or not run.plan.run_uri:
+        return
+    from revq_ray.data.fs import upload_tree
+
+    upload_tree(run.plan.run_dir, run.plan.run_uri, skip=_NOT_MIRRORED)
 
 
 # --------------------------------------------------------------------------------------------- step
@@ -403,6 +457,8 @@ def after_step(run: Run, due: Due) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    if checkpoint is not None or exports:
+        sync_run_dir(run)
     _maybe_fail_for_test(run)
 
 
@@ -415,6 +471,7 @@ def _maybe_fail_for_test(run: Run) -> None:
     if marker.exists():
         return
     marker.write_text(f"failed once at step {run.state.step}\n")
+    sync_run_dir(run)  # URI storage: the restarted rank 0 fetches the run folder, the marker must be in it
     # Give the controller time to register the reports made so far (it drains them every health check), so
     # the restart point is the last checkpoint reported, not a race.
     time.sleep(2 * Reporter.report_interval_s + 1)
@@ -437,11 +494,13 @@ def finish(run: Run) -> None:
               if k != "quantizer.counts"}  # fmt: skip
         safetensors.torch.save_file(sd, str(out / f"rank{run.rank}.safetensors"))
     run.reporter.close()
+    sync_run_dir(run)
     if run.rank == 0:
         made = [p.name for p in sorted((run_dir / "export").glob("*")) if (p / "model.safetensors").is_file()]
+        where = run.plan.run_uri or str(run_dir)
         _log(
             f"done: {run.state.step} steps, best val_mse {run.state.best_val_mse}; exports "
-            f"{', '.join(str(run_dir / 'export' / m) for m in made) or 'none'}"
+            f"{', '.join(where + '/export/' + m for m in made) or 'none'}"
         )
 
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from revq_ray.config import ConfigError, RunConfig
 from revq_ray.core.layout import TokenLayout
-from revq_ray.runtime import absolute, get_logger, is_uri
+from revq_ray.data.fs import cache_dir
+from revq_ray.runtime import absolute, get_logger, is_uri, join_location
 from revq_ray.train import engine as eng
 
 _log = get_logger("revq_ray.train").info
@@ -48,6 +49,9 @@ class RunPlan:
     channel_weights: list[float] | None = None
     """``model.weighting: decoder``: the decoder's per-channel sensitivity (mean 1), measured here once; None
     for unweighted models and for runs restored from a checkpoint (it holds them)."""
+    run_uri: str | None = None
+    """With a URI as storage: ``<storage>/<name>``, where rank 0 mirrors ``run_dir`` (logs, exports, run
+    files) beside Ray Train's checkpoints; None for a local storage folder (``run_dir`` is then inside it)."""
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -56,6 +60,18 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         update={"shards": absolute(cfg.data.shards), "val_shards": absolute(cfg.data.val_shards)}
     )
     return cfg.model_copy(update={"data": data, "output_dir": absolute(cfg.output_dir)})
+
+
+def check_storage(cfg: RunConfig) -> None:
+    """Seconds, before Ray starts: every URI the run uses answers (``data.shards`` and ``data.val_shards``
+    readable, ``output_dir`` writable), else a :class:`~revq_ray.data.fs.StorageError` naming it."""
+    from revq_ray.data.fs import check_location
+
+    for loc in (cfg.data.shards, cfg.data.val_shards):
+        if loc and is_uri(loc):
+            check_location(loc)
+    if is_uri(cfg.output_dir):
+        check_location(cfg.output_dir, write=True)
 
 
 def ensure_shards(cfg: RunConfig) -> None:
@@ -268,12 +284,10 @@ def plan_run(
     total = min(tc.epochs * spe, tc.max_steps) if tc.max_steps else tc.epochs * spe
     storage = absolute(storage_path or cfg.output_dir)
     name = run_name or cfg.name
-    # With a URI as storage, logs and exports are written on the rank-0 node (they are small).
-    run_dir = (
-        str(Path.home() / ".cache" / "revq_ray" / "runs" / name)
-        if is_uri(storage)
-        else str(Path(storage) / name)
-    )
+    # With a URI as storage, rank 0 writes logs and exports into a local folder standing for the run and
+    # mirrors it to <storage>/<name> (see revq_ray.train.loop.sync_run_dir).
+    run_uri = join_location(storage, name) if is_uri(storage) else None
+    run_dir = str(cache_dir(run_uri, "runs")) if run_uri else str(Path(storage) / name)
     init_ref, init_info, weights = (None, None, None)
     if not cfg.model.init_from and not _has_checkpoint(storage, name):  # init_from brings its own codebook
         if cfg.model.weighting == "decoder":
@@ -300,6 +314,7 @@ def plan_run(
         init_tokens=init_ref,
         init_info=init_info,
         channel_weights=weights,
+        run_uri=run_uri,
     )
     datasets = {"train": train_ds} if val_ds is None else {"train": train_ds, "val": val_ds}
     return plan, datasets

@@ -42,9 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``python -m revq_ray.tune``; returns the exit code (1 when no trial reported the metric)."""
     args = build_parser().parse_args(argv)
+    from revq_ray.data.fs import check_location
+
     try:
+        # an unusable output URI fails in seconds, before Ray starts
         tcfg = load_tune_config(args.config, args.overrides, train_overrides=args.train_overrides)
-    except ConfigError as err:
+        check_location(tcfg.output_dir, write=True)
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.dry_run:
