@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from revq_ray.config import (
+    SYNTHETIC,
     ConfigError,
     RunConfig,
     Section,
@@ -238,19 +239,19 @@ def resolve_base_path(tcfg: TuneConfig, config_path: str | os.PathLike | None = 
 
 def latent_numel(tcfg: TuneConfig, base: RunConfig) -> int | None:
     """C*H*W of the latents: the preset's ``latent_shape``, else the base's manifest, else the synthetic
-    latents the train driver writes when the base asks for them (``train.synthetic_items``); None if none."""
+    latents the train driver writes when the base asks for them (``data.shards: synthetic``); None if none."""
     if tcfg.latent_shape:
         return math.prod(tcfg.latent_shape)
     if not base.data.shards:
         return None
+    if base.data.shards == SYNTHETIC:
+        return math.prod(base.train.synthetic_latent_shape)
     from revq_ray.data.shards import read_manifest
 
     try:
         return math.prod(read_manifest(base.data.shards).latent_shape)
     except (FileNotFoundError, OSError, ValueError):
         pass
-    if base.train.synthetic_items > 0 and not is_uri(base.data.shards):
-        return math.prod(base.train.synthetic_latent_shape)
     return None
 
 
