@@ -33,6 +33,8 @@ __all__ = [
     "is_uri",
     "join_location",
     "set_dotted",
+    "skip_failure",
+    "MAX_SKIP_FRACTION",
 ]
 
 LOG_FORMAT = "[%(name)s] %(message)s"
@@ -97,6 +99,28 @@ def join_location(root: str, *names: str) -> str:
     if is_uri(root):
         return "/".join([root.rstrip("/"), *names])
     return str(Path(root, *names))
+
+
+# --------------------------------------------------------------------------------------------- skipped inputs
+MAX_SKIP_FRACTION = 0.1
+"""Default of ``--max-skip-fraction`` (encode and tokenize): the share of unreadable inputs a job accepts."""
+
+
+def skip_failure(skipped: int, total: int, max_fraction: float, example: str = "") -> str:
+    """The one rule of every job that skips unreadable inputs (``encode``, ``tokenize``): why the job failed
+    ("" if it did not). It fails when nothing was read, or when more than ``max_fraction`` of the ``total``
+    inputs were skipped; ``example`` (``"path: reason"``) names one of them."""
+    first = f" (e.g. {example})" if example else ""
+    if total and skipped >= total:
+        return f"nothing was read: all {total} inputs were skipped{first}"
+    fraction = skipped / total if total else 1.0
+    if fraction > max_fraction:
+        return (
+            f"{skipped} of {total} inputs ({100 * fraction:.1f}%) were skipped, over the "
+            f"{100 * max_fraction:g}% allowed{first}; the manifest lists each with its reason "
+            "(--max-skip-fraction raises the limit)"
+        )
+    return ""
 
 
 # --------------------------------------------------------------------------------------------- dotted keys
