@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from revq_ray.core.files import follow_umask
 from revq_ray.core.layout import TokenLayout, channel_order_for
 from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers import QuantOut, ReduceFn, build_quantizer
@@ -381,6 +382,11 @@ class ReVQModel(
         )
 
     # ----------------------------------------------------------------------------------------- hub loading
+    def _save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        super()._save_pretrained(save_directory)
+        # safetensors writes 0600 whatever the umask says: teammates who share the folder must read it.
+        follow_umask(os.path.join(save_directory, _WEIGHTS_NAME))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> ReVQModel:
         """Load a model saved with :meth:`save_pretrained` from a local directory or a hub repo id.

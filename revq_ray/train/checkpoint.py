@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from revq_ray.core.files import follow_umask
+
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
 
@@ -172,6 +174,7 @@ def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         copy_.save_pretrained(str(tmp))
+        follow_umask(tmp)  # mkdtemp made it 0700: an export is for teammates too
         old = out.with_name(f".{out.name}.old")
         if old.exists():
             shutil.rmtree(old)

@@ -87,9 +87,9 @@ def ensure_shards(cfg: RunConfig) -> None:
         return
     if shards != synthetic_location(cfg):
         raise FileNotFoundError(
-            f"data.shards={shards}: no manifest.json there, so it is not a latent-shard directory (a typo, or "
-            "an encode that has not finished). Write one with `python -m revq_ray.encode --input MEDIA --vae "
-            f"SPEC --output {shards}`, or set data.shards: synthetic for a run on synthetic latents"
+            f"data.shards={shards}: no manifest.json there, so it is not a latent-shard directory (a typo, "
+            "or an encode that has not finished). Write one with `python -m revq_ray.encode --input MEDIA "
+            f"--vae SPEC --output {shards}`, or set data.shards: synthetic for a run on synthetic latents"
         )
     from revq_ray.data.synthetic import write_synthetic_shards
 

@@ -24,7 +24,7 @@ from revq_ray.config import (
     load_yaml,
     parse_config,
 )
-from revq_ray.runtime import get_dotted, is_uri, set_dotted
+from revq_ray.runtime import get_dotted, set_dotted
 
 TOKENS_KEY = "model.quantizer.tokens"
 CODEBOOK_KEY = "model.quantizer.codebook_size"
