@@ -169,10 +169,13 @@ def init_ray(
     above the core count, so Ray Data's readers are not starved by the training workers' reservations). It
     never attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
 
-    The local instance advertises itself on the loopback address and keeps its dashboard on 127.0.0.1; Ray
-    still opens its gRPC ports on all interfaces (it has no option to bind them to loopback), and its
-    token authentication (on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise)
-    is what guards them.
+    What Ray really does with a local instance (Ray 2.60, checked by ``tests/cluster/test_local_ray.py``): it
+    advertises the machine's primary address, not loopback (``ray.util.get_node_ip_address()``, e.g.
+    ``--node-ip-address=192.0.2.2`` on the raylet; Ray ignores a ``_node_ip_address`` of 127.0.0.1 here), and
+    opens its gRPC ports on all interfaces (it has no option to bind them to loopback). Only the dashboard
+    (HTTP, job submission) is bound to 127.0.0.1. What guards the open ports is Ray's token authentication,
+    on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise: a client without the token
+    is refused. Do not turn it off on a machine others can reach.
     """
     import ray
 
@@ -193,6 +196,5 @@ def init_ray(
         num_cpus=n,
         include_dashboard=include_dashboard,
         dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
     )
     _log.info("started a local Ray with %d logical CPUs", n)
