@@ -22,8 +22,9 @@ import json, sys, ray
 from revq_ray.runtime import init_ray
 init_ray(num_cpus=2)
 node = ray._private.worker.global_worker.node
-print(json.dumps({"advertised": ray.nodes()[0]["NodeManagerAddress"], "picked": ray.util.get_node_ip_address(),
-                  "dashboard": node.address_info.get("webui_url"), "gcs": node.gcs_address}), flush=True)
+info = {"advertised": ray.nodes()[0]["NodeManagerAddress"], "picked": ray.util.get_node_ip_address(),
+        "dashboard": node.address_info.get("webui_url"), "gcs": node.gcs_address}
+print(json.dumps(info), flush=True)
 sys.stdin.read()  # until the test closes stdin
 ray.shutdown()
 """
