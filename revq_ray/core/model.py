@@ -49,15 +49,27 @@ _WEIGHTS_NAME = "model.safetensors"  # huggingface_hub.constants.SAFETENSORS_SIN
 
 
 def _safetensors_shapes(path: str) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors file's header (8-byte length + JSON), without reading weights."""
+    """Tensor shapes from a safetensors file's header (8-byte length + JSON), without reading weights. Raises
+    a ``ValueError`` naming the file when it is not whole (truncated by a full disk or a broken copy)."""
     import json
 
+    fix = "copy it again, or re-export it (a training run rewrites export/latest at its next checkpoint)"
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= 100 * 2**20:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+            raise ValueError(f"{path}: not a safetensors file (header length {n}); {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(
+                f"{path}: truncated or damaged ({size:,} bytes, header unreadable); {fix}"
+            ) from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    need = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if size < need:
+        raise ValueError(f"{path}: truncated or damaged ({size:,} bytes, its header says {need:,}); {fix}")
+    return {k: v["shape"] for k, v in tensors.items()}
 
 
 def _check_shapes_before_building(cls: type, kwargs: dict[str, Any], path: str) -> None:

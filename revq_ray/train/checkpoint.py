@@ -5,8 +5,16 @@ A Ray Train checkpoint directory holds::
     ds/                   engine.save_checkpoint(dir, tag="ds"): module + optimizer (+ ZeRO shards per rank)
     trainer_state.json    step, epoch, position in the epoch, best val_mse, world size, ...
 
+    complete.json         written last, once every rank's part is in storage: the step and each file's
+                          size. A checkpoint without it (a save interrupted by a kill) or whose files differ
+                          from it (truncated, deleted) is never loaded.
+
 Each rank writes its part into its own temporary directory and reports it; Ray Train merges them into one
-directory in storage. On restore every rank loads the merged directory.
+directory in storage ``<storage>/<name>/checkpoint_step<09d>``. Which checkpoint a run resumes from is decided
+here, from what storage holds, not from Ray Train's list of reported checkpoints (that list is saved by the
+driver and lags behind storage when the driver is killed): the newest *complete and intact* checkpoint wins,
+damaged ones are named and skipped (the steps after the one used are redone), and the folder is pruned to
+``train.keep_checkpoints`` complete checkpoints after every save and every resume.
 
 Code-usage counts are a *sum over ranks* (each rank counts its own tokens; resets all-reduce them). DeepSpeed
 saves the module state of rank 0 only, so before saving the counts are consolidated onto rank 0 (rank 0
@@ -33,6 +41,13 @@ from revq_ray.core.files import follow_umask
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
+COMPLETE_FILE = "complete.json"
+DIR_PREFIX = "checkpoint_step"
+
+
+def dir_name(step: int) -> str:
+    """The storage folder name of the checkpoint at ``step`` (sorts by step)."""
+    return f"{DIR_PREFIX}{step:09d}"
 
 
 @dataclass
@@ -119,6 +134,9 @@ def weights_only_loads(engine: Any) -> Iterator[None]:
                     f"tensors or plain data ({first}). It was not written by this trainer or was modified; "
                     "delete the checkpoint (or the run folder) if you do not trust it"
                 ) from None
+            except Exception as err:  # truncated / corrupt: name the file (torch's message does not)
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise RuntimeError(f"{path}: cannot be read, damaged ({first})") from None
 
     ce.load = _load  # instance attribute: shadows the class's method until restored
     try:
@@ -185,3 +203,113 @@ def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# --------------------------------------------------------------------------------------------- in storage
+@dataclass
+class Stored:
+    """A checkpoint folder in storage: its step, its path inside the filesystem, and what is wrong with it
+    (``problem``: "" when complete and intact)."""
+
+    step: int
+    path: str
+    problem: str = ""
+
+
+def _files(fs: Any, path: str) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``path`` (recursive), the marker excluded."""
+    import pyarrow.fs as pafs
+
+    out = {}
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+        if info.type == pafs.FileType.File:
+            rel = info.path[len(path.rstrip("/")) + 1 :]
+            if rel != COMPLETE_FILE:
+                out[rel] = int(info.size)
+    return out
+
+
+def mark_complete(fs: Any, path: str, step: int) -> None:
+    """Rank 0, once every rank's part of the checkpoint at ``path`` is in storage: write ``complete.json``
+    (the step and each file's size), atomically. Until it exists the checkpoint does not count."""
+    from revq_ray.data import fs as _fs
+
+    files = _files(fs, path)
+    if STATE_FILE not in files:
+        raise RuntimeError(f"{path}: no {STATE_FILE} after every rank saved: the checkpoint is incomplete")
+    doc = {"step": step, "files": files}
+    _fs.write_bytes_atomic(fs, _fs.join(path, COMPLETE_FILE), json.dumps(doc, indent=1).encode())
+
+
+def check_stored(fs: Any, path: str) -> str:
+    """What is wrong with the checkpoint folder ``path`` ("" if nothing): no completeness marker (the save
+    was interrupted), or a file missing, truncated or grown since the marker listed it."""
+    from revq_ray.data import fs as _fs
+
+    marker = _fs.join(path, COMPLETE_FILE)
+    if not _fs.is_file(fs, marker):
+        return f"incomplete (no {COMPLETE_FILE}: the save was interrupted)"
+    try:
+        want = json.loads(_fs.read_bytes(fs, marker))["files"]
+    except (ValueError, KeyError, TypeError) as err:
+        return f"{marker}: unreadable ({type(err).__name__})"
+    have = _files(fs, path)
+    for rel, size in sorted(want.items()):
+        if rel not in have:
+            return f"{_fs.join(path, rel)} is missing"
+        if have[rel] != size:
+            return (
+                f"{_fs.join(path, rel)} has {have[rel]:,} bytes, {size:,} when saved (damaged or truncated)"
+            )
+    return ""
+
+
+def list_stored(storage: str, name: str) -> tuple[Any, list[Stored]]:
+    """The checkpoint folders of run ``name`` under ``storage`` (a local path or URI), newest first, each
+    checked (:func:`check_stored`). Returns ``(pyarrow filesystem, [Stored, ...])``."""
+    import pyarrow.fs as pafs
+
+    from revq_ray.data import fs as _fs
+
+    fs, root = _fs.resolve(storage)
+    run_root = _fs.join(root, name)
+    found = []
+    for info in fs.get_file_info(pafs.FileSelector(run_root, recursive=False, allow_not_found=True)):
+        base = info.base_name
+        if (
+            info.type == pafs.FileType.Directory
+            and base.startswith(DIR_PREFIX)
+            and base[len(DIR_PREFIX) :].isdigit()
+        ):
+            found.append(Stored(int(base[len(DIR_PREFIX) :]), info.path))
+    found.sort(key=lambda s: -s.step)
+    for s in found:
+        s.problem = check_stored(fs, s.path)
+    return fs, found
+
+
+def has_usable(storage: str, name: str) -> bool:
+    """Whether run ``name`` has a complete, intact checkpoint to resume from."""
+    _, found = list_stored(storage, name)
+    return any(not s.problem for s in found)
+
+
+def prune(fs: Any, found: list[Stored], keep: int, resumed_step: int, log: Any) -> None:
+    """Rank 0: keep the newest ``keep`` usable checkpoints; delete older ones, unusable ones older than the
+    newest kept (nothing can load them), and every folder newer than ``resumed_step`` (an interrupted save, or
+    a damaged one we fell back from: its step is about to be redone and must not mix with old files)."""
+    usable = [s for s in found if not s.problem and s.step <= resumed_step]
+    kept = {s.step for s in usable[:keep]}
+    newest_kept = max(kept, default=-1)
+    for s in found:
+        if s.step in kept:
+            continue
+        why = (
+            f"newer than step {resumed_step}, which this run continues from ({s.problem or 'not loaded'})"
+            if s.step > resumed_step
+            else (f"unusable: {s.problem}" if s.problem else f"beyond train.keep_checkpoints={keep}")
+        )
+        if s.step > resumed_step or s.step < newest_kept:
+            if s.step > resumed_step or s.problem:
+                log(f"removing checkpoint {s.path}: {why}")
+            fs.delete_dir(s.path)

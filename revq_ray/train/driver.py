@@ -120,7 +120,9 @@ def build_trainer(
             name=plan.name,
             storage_path=plan.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # Every checkpoint stays registered with Ray: the trainer itself prunes storage to
+            # train.keep_checkpoints complete ones (revq_ray.train.checkpoint.prune), after interruptions too.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=list(callbacks),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -145,9 +147,17 @@ def run(
     callbacks: Sequence[Any] = (),
 ) -> ray.train.Result:
     """Train ``cfg`` to the end (or resume it) and return Ray Train's ``Result``; ``result.metrics`` holds the
-    last report of rank 0, including ``val_mse`` and ``run_dir``."""
-    trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, callbacks=callbacks)
-    return trainer.fit()
+    last report of rank 0, including ``val_mse`` and ``run_dir``.
+
+    The run folder is owned while this runs (:class:`~revq_ray.train.run_lock.RunLock`): a second start of
+    the same name and output folder raises :class:`~revq_ray.train.run_lock.RunLockedError` naming the
+    owner, before touching anything."""
+    from revq_ray.runtime import absolute
+    from revq_ray.train.run_lock import RunLock
+
+    with RunLock(absolute(storage_path or cfg.output_dir), run_name or cfg.name):
+        trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, callbacks=callbacks)
+        return trainer.fit()
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -187,9 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     init_ray(args.address)
+    from revq_ray.train.run_lock import RunLockedError
+
     try:
         result = run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a failed run (e.g. a non-finite loss): its cause in one line, exit 1

@@ -286,7 +286,7 @@ class Reporter:
             ray.train.report(
                 metrics,
                 checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint_step{metrics['step']:09d}" if checkpoint else None,
+                checkpoint_dir_name=ckpt.dir_name(metrics["step"]) if checkpoint else None,
             )
             self.last_report_t = time.perf_counter()
         self.win.zero_()

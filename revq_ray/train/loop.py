@@ -192,20 +192,51 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
-def _restore(engine: Any, rank: int, world: int) -> ckpt.TrainerState:
-    import ray.train
+def _restore(run_args: tuple[Any, int, int, Collectives], plan: RunPlan, cfg: RunConfig,
+             stored: tuple[Any, list[ckpt.Stored]]) -> ckpt.TrainerState:  # fmt: skip
+    """Collective: load the newest complete, intact checkpoint in storage (``stored``, from
+    :func:`checkpoint.list_stored`), falling back past damaged ones with a message that names the file and
+    the steps lost; rank 0 then prunes the folder. A fresh state when storage holds none."""
+    engine, rank, world, coll = run_args
+    fs, found = stored
+    warn = get_logger("revq_ray.train").warning if rank == 0 else (lambda *a: None)
+    newest = found[0].step if found else 0
+    for s in found:
+        if s.problem:
+            warn(f"checkpoint of step {s.step} not used: {s.problem}")
+            continue
+        error = ""
+        try:
+            import ray.train
 
-    restored = ray.train.get_checkpoint()
-    if restored is None:
-        return ckpt.TrainerState(world_size=world)
-    with restored.as_directory() as d:
-        state = ckpt.load(engine, d, rank, world)
-    if rank == 0:
-        _log(
-            f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} "
-            f"(+{state.step_in_epoch} steps)"
+            with ray.train.Checkpoint(s.path, filesystem=fs).as_directory() as d:
+                state = ckpt.load(engine, d, rank, world)
+        except ckpt.UntrustedCheckpointError:
+            raise  # a planted pickle is refused loudly, never skipped past
+        except Exception as err:  # damaged beyond what the sizes show
+            error = (
+                f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
+            )
+        failed = [e for e in coll.gather_objects(error) if e]
+        if failed:  # every rank moves on together
+            warn(f"checkpoint of step {s.step} not used: {'; '.join(failed)}")
+            continue
+        if rank == 0:
+            lost = f"; steps {s.step + 1}-{newest} are lost and will be redone" if newest > s.step else ""
+            _log(
+                f"resumed from {s.path}: step {state.step}, epoch {state.epoch} (+{state.step_in_epoch} "
+                f"steps){lost}"
+            )
+            ckpt.prune(fs, found, cfg.train.keep_checkpoints, s.step, _log)
+        return state
+    if any(not s.problem for s in found):
+        raise RuntimeError(
+            f"no checkpoint of run {plan.name} in {plan.storage_path} could be loaded (see the messages "
+            "above); delete the damaged checkpoint_step* folders to start this run again from scratch"
         )
-    return state
+    if found and rank == 0:  # only unusable ones: a fresh start (the codebook was initialized for it)
+        ckpt.prune(fs, found, cfg.train.keep_checkpoints, -1, _log)
+    return ckpt.TrainerState(world_size=world)
 
 
 def _write_run_files(run: Run, config: dict[str, Any]) -> None:
@@ -244,7 +275,10 @@ def setup(config: dict[str, Any]) -> Run:
     device = _device(cfg)
     coll = Collectives(device)
     t0 = time.perf_counter()
-    resuming = ray.train.get_checkpoint() is not None
+    # What storage holds decides where to resume (not Ray Train's list of reported checkpoints, which lags
+    # behind storage when the driver was killed): the newest complete and intact checkpoint.
+    stored = ckpt.list_stored(plan.storage_path, plan.name)
+    resuming = any(not s.problem for s in stored[1])
     # Every rank gets the same sample from the object store and initializes identically (deterministic);
     # DeepSpeed's initial broadcast of rank 0's parameters then changes nothing.
     init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
@@ -253,7 +287,7 @@ def setup(config: dict[str, Any]) -> Run:
     engine, group_names = eng.build_engine(model, cfg.train, world)
     if rank == 0:
         _log(f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s")
-    state = _restore(engine, rank, world)
+    state = _restore((engine, rank, world, coll), plan, cfg, stored)
     reset_cfg = cfg.model.quantizer.reset
     schedule = Schedule(
         cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
@@ -403,7 +437,25 @@ def after_step(run: Run, due: Due) -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+    if checkpoint is not None:
+        _commit_checkpoint(run)
     _maybe_fail_for_test(run)
+
+
+def _commit_checkpoint(run: Run) -> None:
+    """Collective, after every rank reported (and so uploaded) its part: rank 0 marks the checkpoint complete,
+    then prunes the folder to ``train.keep_checkpoints``. A kill before the marker leaves a folder that no
+    resume will load (and the next resume removes)."""
+    run.coll.sum_floats([0.0])  # a barrier: Ray Train uploads each rank's part inside its report call
+    if run.rank != 0:
+        return
+    from revq_ray.data import fs as _fs
+
+    fs, root = _fs.resolve(run.plan.storage_path)
+    path = _fs.join(_fs.join(root, run.plan.name), ckpt.dir_name(run.state.step))
+    ckpt.mark_complete(fs, path, run.state.step)
+    fs, found = ckpt.list_stored(run.plan.storage_path, run.plan.name)
+    ckpt.prune(fs, found, run.cfg.train.keep_checkpoints, run.state.step, _log)
 
 
 def _maybe_fail_for_test(run: Run) -> None:

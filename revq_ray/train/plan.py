@@ -171,10 +171,10 @@ def _val_dataset(cfg: RunConfig, val_ds: Any) -> tuple[Any, int]:
 
 
 def _has_checkpoint(storage: str, name: str) -> bool:
-    """Whether Ray Train will restore this run (a local run directory holding a checkpoint)."""
-    if is_uri(storage):
-        return False  # cannot tell cheaply: sample anyway (a few seconds)
-    return any(Path(storage, name).glob("checkpoint_*"))
+    """Whether the workers will resume this run: it has a complete, intact checkpoint in storage."""
+    from revq_ray.train.checkpoint import has_usable
+
+    return has_usable(storage, name)
 
 
 def init_sample_size(cfg: RunConfig) -> int:
