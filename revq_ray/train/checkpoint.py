@@ -288,6 +288,23 @@ def list_stored(storage: str, name: str) -> tuple[Any, list[Stored]]:
     return fs, found
 
 
+def forget_ray_history(storage: str, name: str) -> None:
+    """Driver, before the run's controller starts: drop Ray Train's saved list of reported checkpoints
+    (``checkpoint_manager_snapshot.json``). The workers choose the checkpoint from storage, so the list adds
+    nothing, and it would stop the run: Ray refuses to start when it names a folder that the pruning here
+    removed (``CheckpointManagerInitializationError``)."""
+    from revq_ray.data import fs as _fs
+
+    try:
+        from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME as snapshot
+    except ImportError:  # pragma: no cover - the name of Ray 2.60
+        snapshot = "checkpoint_manager_snapshot.json"
+    fs, root = _fs.resolve(storage)
+    path = _fs.join(_fs.join(root, name), snapshot)
+    if _fs.is_file(fs, path):
+        fs.delete_file(path)
+
+
 def has_usable(storage: str, name: str) -> bool:
     """Whether run ``name`` has a complete, intact checkpoint to resume from."""
     _, found = list_stored(storage, name)

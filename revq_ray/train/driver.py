@@ -106,6 +106,11 @@ def build_trainer(
     ensure_shards(cfg)
     plan, datasets = plan_run(cfg, storage_path=storage_path, run_name=run_name)
     check_run_identity(cfg, plan.storage_path, plan.name)  # before any worker touches the run
+    # The workers resume from the newest complete checkpoint in storage (revq_ray.train.checkpoint), not from
+    # Ray Train's list of reported ones, which lags behind storage after a kill and names pruned folders.
+    from revq_ray.train.checkpoint import forget_ray_history
+
+    forget_ray_history(plan.storage_path, plan.name)
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
     if tc.use_gpu:

@@ -111,7 +111,10 @@ def test_one_owner_then_kill_9_resumes_from_the_newest_complete_checkpoint(tmp_p
         )
         assert time.time() - t0 < 60  # at once: no Ray started, no shards touched
         # Let it write a few checkpoints, then kill everything it started at once.
-        while time.time() < deadline and len(_complete_steps(run_dir)) < 3 and first.poll() is None:
+        # (keep_checkpoints=2 keeps two at a time: wait for the third save, step 18)
+        while (
+            time.time() < deadline and max(_complete_steps(run_dir), default=0) < 18 and first.poll() is None
+        ):
             time.sleep(0.2)
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         os.killpg(first.pid, signal.SIGKILL)
