@@ -119,7 +119,7 @@ def _stream(
         return
     import ray
 
-    from revq_ray.train.driver import init_ray
+    from revq_ray.runtime import init_ray
 
     init_ray()
     ds = ray.data.from_items([{"name": n, "path": str(p)} for n, p in items])
@@ -324,7 +324,7 @@ def detokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     else:
         import ray
 
-        from revq_ray.train.driver import init_ray
+        from revq_ray.runtime import init_ray
 
         init_ray()
 

@@ -31,12 +31,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from revq_ray.vae import load_vae_for
 
 FORMAT = "revq-ray-tokenizer"
 VERSION = 1
@@ -632,28 +633,3 @@ class Tokenizer:
             f"codebook_size={self.codebook_size}, bits_per_sample={self.bits_per_sample:g}, "
             f"quantizer={self.model.cfg.quantizer.type})"
         )
-
-
-def load_vae_for(
-    spec: str, latent_shape: Sequence[int], device: str | torch.device = "cpu", image_size: int | None = None
-) -> Any:
-    """Load a VAE whose latents have ``latent_shape``.
-
-    Image VAEs are convolutional: their latent size depends on the input size. Without an explicit
-    ``image_size`` the VAE is loaded at its default size first, and if its latents do not match the model's,
-    reloaded at ``latent side * downsampling factor`` (e.g. 8x8 latents of an f8 VAE -> 64x64 images).
-    """
-    from revq_ray.vae import load_vae
-
-    vae = load_vae(spec, device=str(device), image_size=image_size)
-    want = tuple(int(s) for s in latent_shape)
-    if (
-        image_size is None
-        and getattr(vae, "modality", "image") == "image"
-        and tuple(vae.latent_shape) != want
-        and len(want) == 3
-        and vae.latent_shape[-1]
-    ):
-        factor = int(vae.input_shape[-1]) // int(vae.latent_shape[-1])
-        vae = load_vae(spec, device=str(device), image_size=want[-1] * factor)
-    return vae

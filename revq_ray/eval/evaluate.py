@@ -143,7 +143,8 @@ def evaluate(
 def _setup(model, input, output, vae, limit, device, run_dir, log, vocoder) -> _Eval:
     """Load the model, find and load its VAE, read the input."""
     from revq_ray.core.model import ReVQModel
-    from revq_ray.tokenizer import Tokenizer, image_resize_of, load_vae_for, resolve_model_dir, run_dir_of
+    from revq_ray.tokenizer import Tokenizer, image_resize_of, resolve_model_dir, run_dir_of
+    from revq_ray.vae import load_vae_for
 
     t0 = time.perf_counter()
     dev = _pick_device(device)

@@ -35,10 +35,6 @@ __all__ = [
     "build_trainer",
     "run",
     "main",
-    "init_ray",
-    "plan_run",
-    "resolve_paths",
-    "ensure_shards",
     "worker_env",
 ]
 

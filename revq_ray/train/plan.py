@@ -191,7 +191,7 @@ def measure_channel_weights(cfg: RunConfig, manifest: Any) -> list[float]:
     from revq_ray.core.sensitivity import decoder_channel_weights
     from revq_ray.core.stats import RunningStats
     from revq_ray.data.reader import sample_init_tokens_bounded
-    from revq_ray.tokenizer import load_vae_for
+    from revq_ray.vae import load_vae_for
 
     t0 = time.time()
     errors = []
