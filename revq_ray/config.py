@@ -30,6 +30,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def path_safe_name(v: str) -> str:
+    """``v`` if it can name a directory (a run's or a sweep's ``name``); else a ValueError naming the fix."""
+    if "/" in v or v in {".", ".."}:
+        raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
+    return v
+
+
 # --------------------------------------------------------------------------------------------- core
 class ResetConfig(Section):
     """Non-activation reset of dead codes (ReVQ)."""
@@ -273,9 +280,7 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_path_safe(cls, v: str) -> str:
-        if "/" in v or v in {".", ".."}:
-            raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
-        return v
+        return path_safe_name(v)
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -190,8 +190,8 @@ class ReVQModel(
 
     @classmethod
     def from_config(cls, latent_shape: list[int] | tuple[int, ...], cfg: ModelConfig) -> ReVQModel:
-        """Build from a validated :class:`~revq_ray.config.ModelConfig`."""
-        return cls(list(latent_shape), cfg.model_dump(mode="json"))
+        """Build from a validated :class:`~revq_ray.config.ModelConfig` (passed through, not re-parsed)."""
+        return cls(list(latent_shape), cfg)
 
     # ----------------------------------------------------------------------------------------- properties
     @property

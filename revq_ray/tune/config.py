@@ -23,6 +23,7 @@ from revq_ray.config import (
     apply_overrides,
     load_yaml,
     parse_config,
+    path_safe_name,
 )
 from revq_ray.runtime import get_dotted, set_dotted
 
@@ -153,9 +154,7 @@ class TuneConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_path_safe(cls, v: str) -> str:
-        if "/" in v or v in {".", ".."}:
-            raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
-        return v
+        return path_safe_name(v)
 
     @model_validator(mode="after")
     def _objectives(self) -> TuneConfig:
