@@ -478,8 +478,8 @@ def _audio_files(ev: _Eval, q, result, summary, figures, audio_items) -> None:
         row: dict[str, Any] = {"name": data.names[i], "seconds": n / sr, "windows": ev.windows[i]}
         row["ids"] = ev.windows[i] * tok.tokens
         waves = {
-            "vae_only": tok._output_to_wave(dec_vae[i], n),
-            "tokenized": tok._output_to_wave(dec_tok[i], n),
+            "vae_only": tok.audio.output_to_wave(dec_vae[i], n),
+            "tokenized": tok.audio.output_to_wave(dec_tok[i], n),
         }
         if mel:
             mel_in = tok.vae.front_end(wave.to(ev.dev)).cpu()
