@@ -1,6 +1,21 @@
-"""Training checkpoints (DeepSpeed, every rank) and Hugging Face exports (rank 0).
+"""Where a checkpoint is written, and read: every save, restore and export of a training run.
 
-A Ray Train checkpoint directory holds::
+:class:`Checkpointer` is the one owner (one per worker), as torchtitan's ``CheckpointManager``:
+
+- **save** (collective): refuse non-finite weights, consolidate usage counts, every rank's DeepSpeed part into
+  a temporary directory that the one ``ray.train.report`` call uploads (:class:`~revq_ray.train.logs.Reporter`
+  makes it), then ``complete.json`` and pruning (:meth:`Checkpointer.save`, :meth:`Checkpointer.commit`);
+- **restore** (collective): the newest complete, intact checkpoint in storage, falling back past damaged
+  ones (:meth:`Checkpointer.restore`);
+- **export** (rank 0): ``export/latest`` and ``export/best`` (``save_pretrained``, swapped in atomically).
+
+Where things go (``R = <storage>/<name>``, Ray Train's storage folder of the run; ``D`` the run's local
+folder, ``RunPlan.run_dir``)::
+
+    R/checkpoint_step000001234/    one checkpoint (below), the newest train.keep_checkpoints kept
+    D/export/latest, D/export/best save_pretrained exports (ReVQModel.from_pretrained loads them)
+
+A checkpoint directory holds::
 
     ds/                   engine.save_checkpoint(dir, tag="ds"): module + optimizer (+ ZeRO shards per rank)
     trainer_state.json    step, epoch, position in the epoch, best val_mse, world size, ...
@@ -30,7 +45,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +53,8 @@ from typing import Any
 import torch
 
 from revq_ray.core.files import follow_umask
+from revq_ray.runtime import get_logger
+from revq_ray.train import guards
 
 STATE_FILE = "trainer_state.json"
 DS_TAG = "ds"
@@ -153,8 +170,6 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
     state = TrainerState.from_json(Path(ckpt_dir, STATE_FILE).read_text())
     same_world = state.world_size == world_size
     if not same_world and rank == 0:
-        from revq_ray.runtime import get_logger
-
         get_logger("revq_ray.train").warning(
             "checkpoint was written by %d workers, now %d: loading the model only; optimizer moments start "
             "from zero",
@@ -330,3 +345,140 @@ def prune(fs: Any, found: list[Stored], keep: int, resumed_step: int, log: Any) 
             if s.step > resumed_step or s.problem:
                 log(f"removing checkpoint {s.path}: {why}")
             fs.delete_dir(s.path)
+
+
+def existing_exports(run_dir: Any) -> list[str]:
+    """The export folders of a run that exist (``export/best``, ``export/latest``), as strings."""
+    root = Path(str(run_dir)) / "export"
+    return [str(root / n) for n in ("best", "latest") if (root / n / "model.safetensors").is_file()]
+
+
+# --------------------------------------------------------------------------------------------- the owner
+class Checkpointer:
+    """Save, restore and export for one worker of a run (see the module docstring).
+
+    Args:
+        rank, world: this worker's rank and the world size.
+        gather: ``obj -> [obj of every rank]`` (all_gather_object; ``[obj]`` in one process).
+        storage: Ray Train's storage path (local or URI); ``name`` the run's name (its folder there).
+        run_dir: the run's local folder (exports go under ``run_dir/export``).
+        keep: ``train.keep_checkpoints``.
+    """
+
+    def __init__(self, rank: int, world: int, gather: Callable[[Any], list[Any]], *, storage: str, name: str,
+                 run_dir: str | os.PathLike, keep: int):  # fmt: skip
+        self.rank, self.world, self.gather = rank, world, gather
+        self.storage, self.name, self.run_dir, self.keep = storage, name, Path(run_dir), keep
+        self.engine: Any = None  # set by restore
+        self.last_step = 0  # the step of the newest checkpoint saved or restored
+        self._log = get_logger("revq_ray.train").info
+        # What storage holds decides where to resume (not Ray Train's list of reported checkpoints, which lags
+        # behind storage when the driver was killed).
+        self.stored: tuple[Any, list[Stored]] = list_stored(storage, name)
+
+    @property
+    def resuming(self) -> bool:
+        """Whether storage holds a complete, intact checkpoint (the model then needs no fresh init)."""
+        return any(not s.problem for s in self.stored[1])
+
+    # ----------------------------------------------------------------------------------------- restore
+    def restore(self, engine: Any) -> TrainerState:
+        """Collective: load into ``engine`` (kept for the saves) the newest complete, intact checkpoint in
+        storage, falling back past damaged ones with a message that names the file and the steps lost; rank 0
+        then prunes the folder. A fresh state when storage holds none."""
+        self.engine = engine
+        fs, found = self.stored
+        warn = get_logger("revq_ray.train").warning if self.rank == 0 else (lambda *a: None)
+        newest = found[0].step if found else 0
+        for s in found:
+            if s.problem:
+                warn(f"checkpoint of step {s.step} not used: {s.problem}")
+                continue
+            error = ""
+            try:
+                import ray.train
+
+                with ray.train.Checkpoint(s.path, filesystem=fs).as_directory() as d:
+                    state = load(self.engine, d, self.rank, self.world)
+            except UntrustedCheckpointError:
+                raise  # a planted pickle is refused loudly, never skipped past
+            except Exception as err:  # damaged beyond what the sizes show
+                first = str(err).strip().splitlines()[0] if str(err) else ""
+                error = f"rank {self.rank}: {type(err).__name__}: {first}"
+            failed = [e for e in self.gather(error) if e]
+            if failed:  # every rank moves on together
+                warn(f"checkpoint of step {s.step} not used: {'; '.join(failed)}")
+                continue
+            if self.rank == 0:
+                lost = f"; steps {s.step + 1}-{newest} are lost and will be redone" if newest > s.step else ""
+                self._log(
+                    f"resumed from {s.path}: step {state.step}, epoch {state.epoch} (+{state.step_in_epoch} "
+                    f"steps){lost}"
+                )
+                prune(fs, found, self.keep, s.step, self._log)
+            self.last_step = state.step
+            return state
+        if any(not s.problem for s in found):
+            raise RuntimeError(
+                f"no checkpoint of run {self.name} in {self.storage} could be loaded (see the messages "
+                "above); delete the damaged checkpoint_step* folders to start this run again from scratch"
+            )
+        if (
+            found and self.rank == 0
+        ):  # only unusable ones: a fresh start (the codebook was initialized for it)
+            prune(fs, found, self.keep, -1, self._log)
+        return TrainerState(world_size=self.world)
+
+    # ----------------------------------------------------------------------------------------- save
+    def due(self, step: int) -> bool:
+        """Whether ``step`` has no checkpoint yet (a resumed run does not save its first step again)."""
+        return step > self.last_step
+
+    @contextlib.contextmanager
+    def save(self, state: TrainerState) -> Iterator[Any]:
+        """Collective: every rank saves its DeepSpeed part into a temporary directory and gets a
+        ``ray.train.Checkpoint`` of it to hand to ``ray.train.report`` (which uploads it) inside the block;
+        the directory is removed after. Refuses non-finite weights (nothing non-finite is ever saved)."""
+        from ray.train import Checkpoint
+
+        bad = guards.nonfinite_params(self.engine.module)
+        if bad:
+            raise guards.NonFiniteError(
+                f"non-finite parameters at step {state.step} ({', '.join(bad[:5])}): training stopped before "
+                "checkpointing or exporting them",
+                state.step,
+            )
+        tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{self.rank}_")
+        try:
+            save(self.engine, state, tmp, self.rank, self.world)
+            self.last_step = state.step
+            yield Checkpoint.from_directory(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def commit(self, step: int) -> None:
+        """Collective, after every rank reported (and so uploaded) its part of the checkpoint at ``step``:
+        rank 0 marks it complete, then prunes the folder to ``train.keep_checkpoints``. A kill before the
+        marker leaves a folder that no resume will load (and the next resume removes)."""
+        self.gather(None)  # a barrier: Ray Train uploads each rank's part inside its report call
+        if self.rank != 0:
+            return
+        from revq_ray.data import fs as _fs
+
+        fs, root = _fs.resolve(self.storage)
+        mark_complete(fs, _fs.join(_fs.join(root, self.name), dir_name(step)), step)
+        fs, found = list_stored(self.storage, self.name)
+        prune(fs, found, self.keep, step, self._log)
+
+    # ----------------------------------------------------------------------------------------- export
+    def export(self, names: tuple[str, ...]) -> None:
+        """Rank 0: ``save_pretrained`` of the live model into ``run_dir/export/<name>`` for each name
+        (``latest``, ``best``)."""
+        if self.rank != 0:
+            return
+        for name in names:
+            export_pretrained(self.engine.module, self.run_dir / "export" / name)
+
+    def exports(self) -> list[str]:
+        """The exports this run has (``export/best``, ``export/latest``)."""
+        return existing_exports(self.run_dir)

@@ -5,9 +5,9 @@ Tune driver (one Train run per trial, with ``callbacks=[TuneReportCallback()]``)
 
 Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of the run)::
 
-    R/checkpoint_step000001234/   Ray Train checkpoints (DeepSpeed state of every rank + trainer_state.json)
+    R/checkpoint_step000001234/   checkpoints and R/export/{latest,best}: revq_ray/train/checkpoint.py says
+                                  how and when (its Checkpointer writes them all)
     R/metrics.csv, R/tensorboard/ metrics of rank 0 (committed timeline: resumed steps are not listed twice)
-    R/export/latest, R/export/best  save_pretrained exports (ReVQModel.from_pretrained loads them)
     R/config.json, R/workers.json, R/starts.csv
 
 Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores
@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"finished {cfg.name}: step {m.get('step')}, val_mse {val:.5f} (without rectifier "
         f"{m.get('val_mse_norect', math.nan):.5f}), usage {100 * m.get('usage_mean', math.nan):.1f}%"
     )
-    from revq_ray.train.guards import existing_exports
+    from revq_ray.train.checkpoint import existing_exports
 
     exports = " and ".join(existing_exports(m.get("run_dir"))) or "no export"
     _log(f"run dir {m.get('run_dir')}; model: {exports}")

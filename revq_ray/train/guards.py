@@ -10,7 +10,6 @@ left waiting in a collective.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -79,11 +78,3 @@ def failure_message(err: BaseException) -> str:
         return texts[1].strip().splitlines()[0]
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(err).__name__}: {first}"
-
-
-def existing_exports(run_dir: Any) -> list[str]:
-    """The export folders of a run that exist (``export/best``, ``export/latest``), as strings."""
-    from pathlib import Path
-
-    root = Path(str(run_dir)) / "export"
-    return [str(root / n) for n in ("best", "latest") if (root / n / "model.safetensors").is_file()]

@@ -8,7 +8,7 @@ Reads like nanoGPT's::
         train_step(run, batch)               # forward, backward, per-module clip, optimizer step
         due = run.schedule.advance(run.state, run.samples_per_step)
         if due.any:
-            after_step(run, due)             # reset, validate, report, checkpoint, export
+            after_step(run, due)             # reset, validate, report; checkpoint and export (Checkpointer)
     finish(run)
 
 Data and epochs. Each worker streams its split of the training set (``get_dataset_shard("train")``, split
@@ -34,12 +34,11 @@ losses and gradient norms stay device tensors until a report needs them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ from revq_ray.config import RunConfig
 from revq_ray.runtime import get_logger
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
-from revq_ray.train import guards
 from revq_ray.train.logs import Reporter
 from revq_ray.train.plan import RunPlan
 from revq_ray.train.schedule import Due, Schedule
@@ -105,12 +103,12 @@ class Run:
     state: ckpt.TrainerState
     schedule: Schedule
     reporter: Reporter
+    checkpointer: ckpt.Checkpointer
     batches: Iterator[dict[str, torch.Tensor]]
     val_shard: Any = None
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     lr: float = 0.0
     last_val: tuple[float, float] | None = None
-    last_ckpt_step: int = 0
 
     @property
     def module(self) -> Any:
@@ -192,53 +190,6 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
-def _restore(run_args: tuple[Any, int, int, Collectives], plan: RunPlan, cfg: RunConfig,
-             stored: tuple[Any, list[ckpt.Stored]]) -> ckpt.TrainerState:  # fmt: skip
-    """Collective: load the newest complete, intact checkpoint in storage (``stored``, from
-    :func:`checkpoint.list_stored`), falling back past damaged ones with a message that names the file and
-    the steps lost; rank 0 then prunes the folder. A fresh state when storage holds none."""
-    engine, rank, world, coll = run_args
-    fs, found = stored
-    warn = get_logger("revq_ray.train").warning if rank == 0 else (lambda *a: None)
-    newest = found[0].step if found else 0
-    for s in found:
-        if s.problem:
-            warn(f"checkpoint of step {s.step} not used: {s.problem}")
-            continue
-        error = ""
-        try:
-            import ray.train
-
-            with ray.train.Checkpoint(s.path, filesystem=fs).as_directory() as d:
-                state = ckpt.load(engine, d, rank, world)
-        except ckpt.UntrustedCheckpointError:
-            raise  # a planted pickle is refused loudly, never skipped past
-        except Exception as err:  # damaged beyond what the sizes show
-            error = (
-                f"rank {rank}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}"
-            )
-        failed = [e for e in coll.gather_objects(error) if e]
-        if failed:  # every rank moves on together
-            warn(f"checkpoint of step {s.step} not used: {'; '.join(failed)}")
-            continue
-        if rank == 0:
-            lost = f"; steps {s.step + 1}-{newest} are lost and will be redone" if newest > s.step else ""
-            _log(
-                f"resumed from {s.path}: step {state.step}, epoch {state.epoch} (+{state.step_in_epoch} "
-                f"steps){lost}"
-            )
-            ckpt.prune(fs, found, cfg.train.keep_checkpoints, s.step, _log)
-        return state
-    if any(not s.problem for s in found):
-        raise RuntimeError(
-            f"no checkpoint of run {plan.name} in {plan.storage_path} could be loaded (see the messages "
-            "above); delete the damaged checkpoint_step* folders to start this run again from scratch"
-        )
-    if found and rank == 0:  # only unusable ones: a fresh start (the codebook was initialized for it)
-        ckpt.prune(fs, found, cfg.train.keep_checkpoints, -1, _log)
-    return ckpt.TrainerState(world_size=world)
-
-
 def _write_run_files(run: Run, config: dict[str, Any]) -> None:
     """Rank 0: workers.json (where every rank runs), config.json, and the start line."""
     import ray
@@ -275,10 +226,11 @@ def setup(config: dict[str, Any]) -> Run:
     device = _device(cfg)
     coll = Collectives(device)
     t0 = time.perf_counter()
-    # What storage holds decides where to resume (not Ray Train's list of reported checkpoints, which lags
-    # behind storage when the driver was killed): the newest complete and intact checkpoint.
-    stored = ckpt.list_stored(plan.storage_path, plan.name)
-    resuming = any(not s.problem for s in stored[1])
+    checkpointer = ckpt.Checkpointer(
+        rank, world, coll.gather_objects, storage=plan.storage_path, name=plan.name, run_dir=plan.run_dir,
+        keep=cfg.train.keep_checkpoints,
+    )  # fmt: skip
+    resuming = checkpointer.resuming
     # Every rank gets the same sample from the object store and initializes identically (deterministic);
     # DeepSpeed's initial broadcast of rank 0's parameters then changes nothing.
     init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
@@ -287,7 +239,7 @@ def setup(config: dict[str, Any]) -> Run:
     engine, group_names = eng.build_engine(model, cfg.train, world)
     if rank == 0:
         _log(f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s")
-    state = _restore((engine, rank, world, coll), plan, cfg, stored)
+    state = checkpointer.restore(engine)
     reset_cfg = cfg.model.quantizer.reset
     schedule = Schedule(
         cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
@@ -300,9 +252,9 @@ def setup(config: dict[str, Any]) -> Run:
     )  # fmt: skip
     run = Run(
         cfg=cfg, plan=plan, rank=rank, world=world, device=device, coll=coll, engine=engine,
-        group_names=group_names, state=state, schedule=schedule, reporter=reporter,
+        group_names=group_names, state=state, schedule=schedule, reporter=reporter, checkpointer=checkpointer,
         batches=endless_batches(ray.train.get_dataset_shard("train"), plan.micro_batch, cfg, device),
-        val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None, last_ckpt_step=state.step,
+        val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None,
     )  # fmt: skip
     _write_run_files(run, config)
     return run
@@ -390,24 +342,6 @@ def _val_metrics(run: Run, due: Due, means: dict[str, float]) -> tuple[dict[str,
     return out, improved
 
 
-def _checkpoint(run: Run) -> tuple[Any, str | None]:
-    """Collective: every rank saves its DeepSpeed part to a temporary directory -> (Checkpoint, tmp dir).
-    Refuses non-finite weights (nothing non-finite is ever saved or exported)."""
-    from ray.train import Checkpoint
-
-    bad = guards.nonfinite_params(run.module)
-    if bad:
-        raise guards.NonFiniteError(
-            f"non-finite parameters at step {run.state.step} ({', '.join(bad[:5])}): training stopped before "
-            "checkpointing or exporting them",
-            run.state.step,
-        )
-    tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{run.rank}_")
-    ckpt.save(run.engine, run.state, tmp, run.rank, run.world)
-    run.last_ckpt_step = run.state.step
-    return Checkpoint.from_directory(tmp), tmp
-
-
 def after_step(run: Run, due: Due) -> None:
     """Everything a due step asks for, in order: usage + reset, validation, report, checkpoint, exports."""
     gen = torch.Generator().manual_seed(seed_for(run.cfg, 2, run.state.step))
@@ -427,35 +361,14 @@ def after_step(run: Run, due: Due) -> None:
         run.state, means, lr=run.lr, lr_rectifier=groups[1]["lr"] if len(groups) > 1 else None,
         **{f"grad_norm_{k}": float(v) for k, v in run.norms.items()}, **_usage_metrics(usage), **val,
     )  # fmt: skip
-    checkpoint, tmp = _checkpoint(run) if due.ckpt and run.state.step > run.last_ckpt_step else (None, None)
-    exports = (("latest",) if checkpoint is not None else ()) + (("best",) if improved else ())
-    try:
-        run.reporter.publish(
-            metrics, due_ray=ray_wants or due.val or due.last, checkpoint=checkpoint, exports=exports,
-            module=run.module,
-        )  # fmt: skip
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if checkpoint is not None:
-        _commit_checkpoint(run)
+    saving = due.ckpt and run.checkpointer.due(run.state.step)
+    # every save, export and the checkpoint's commit: train/checkpoint.py (Checkpointer)
+    with run.checkpointer.save(run.state) if saving else contextlib.nullcontext() as checkpoint:
+        run.checkpointer.export((("latest",) if saving else ()) + (("best",) if improved else ()))
+        run.reporter.publish(metrics, due_ray=ray_wants or due.val or due.last, checkpoint=checkpoint)
+    if saving:
+        run.checkpointer.commit(run.state.step)
     _maybe_fail_for_test(run)
-
-
-def _commit_checkpoint(run: Run) -> None:
-    """Collective, after every rank reported (and so uploaded) its part: rank 0 marks the checkpoint complete,
-    then prunes the folder to ``train.keep_checkpoints``. A kill before the marker leaves a folder that no
-    resume will load (and the next resume removes)."""
-    run.coll.sum_floats([0.0])  # a barrier: Ray Train uploads each rank's part inside its report call
-    if run.rank != 0:
-        return
-    from revq_ray.data import fs as _fs
-
-    fs, root = _fs.resolve(run.plan.storage_path)
-    path = _fs.join(_fs.join(root, run.plan.name), ckpt.dir_name(run.state.step))
-    ckpt.mark_complete(fs, path, run.state.step)
-    fs, found = ckpt.list_stored(run.plan.storage_path, run.plan.name)
-    ckpt.prune(fs, found, run.cfg.train.keep_checkpoints, run.state.step, _log)
 
 
 def _maybe_fail_for_test(run: Run) -> None:
@@ -490,10 +403,9 @@ def finish(run: Run) -> None:
         safetensors.torch.save_file(sd, str(out / f"rank{run.rank}.safetensors"))
     run.reporter.close()
     if run.rank == 0:
-        made = [p.name for p in sorted((run_dir / "export").glob("*")) if (p / "model.safetensors").is_file()]
         _log(
             f"done: {run.state.step} steps, best val_mse {run.state.best_val_mse}; exports "
-            f"{', '.join(str(run_dir / 'export' / m) for m in made) or 'none'}"
+            f"{', '.join(run.checkpointer.exports()) or 'none'}"
         )
 
 
