@@ -7,6 +7,7 @@ At e163450 train/loop.py imported train/driver.py (inside a function) while the 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -28,8 +29,17 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+@functools.cache
+def _import_graph() -> dict[str, frozenset[str]]:
+    return {m: frozenset(d) for m, d in _parse_import_graph().items()}
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the revq_ray modules it imports anywhere in its body (names resolved to their module)."""
+    return {m: set(d) for m, d in _import_graph().items()}
+
+
+def _parse_import_graph() -> dict[str, set[str]]:
     mods = _modules()
 
     def resolve(name: str) -> str:
