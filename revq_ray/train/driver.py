@@ -146,17 +146,23 @@ def run(
     storage_path: str | None = None,
     run_name: str | None = None,
     callbacks: Sequence[Any] = (),
+    address: str | None = None,
 ) -> ray.train.Result:
     """Train ``cfg`` to the end (or resume it) and return Ray Train's ``Result``; ``result.metrics`` holds the
     last report of rank 0, including ``val_mse`` and ``run_dir``.
 
     The run folder is owned while this runs (:class:`~revq_ray.train.run_lock.RunLock`): a second start of
     the same name and output folder raises :class:`~revq_ray.train.run_lock.RunLockedError` naming the
-    owner, before touching anything."""
+    owner, before touching anything: Ray included (joined or started here, at ``address``, only once the
+    lock is held, unless the caller already did)."""
+    import ray
+
     from revq_ray.runtime import absolute
     from revq_ray.train.run_lock import RunLock
 
     with RunLock(absolute(storage_path or cfg.output_dir), run_name or cfg.name):
+        if not ray.is_initialized():
+            init_ray(address)
         trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, callbacks=callbacks)
         return trainer.fit()
 
@@ -197,11 +203,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    init_ray(args.address)
     from revq_ray.train.run_lock import RunLockedError
 
     try:
-        result = run(cfg)
+        result = run(cfg, address=args.address)
     except (ConfigError, FileNotFoundError, ValueError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
