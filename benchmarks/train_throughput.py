@@ -54,7 +54,6 @@ def _cfg(args, shards: Path, out: Path, name: str, workers: int):
         "train.log_every": args.log_every,
         "train.cpus_per_worker": 0.5,
         "train.torch_threads": args.threads,
-        "train.synthetic_items": 0,
         "train.max_failures": 0,
     }
     return load_config(ROOT / "configs" / "debug.yaml", [f"{k}={v}" for k, v in sets.items()])

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
 PAD = -1  # id of a position past the end of a shorter recording in a batch
@@ -141,3 +143,230 @@ def overlap_add(a_wct: torch.Tensor, b_wct: torch.Tensor | None, offset: int) ->
         b[:, s:e] = b_wct[k, :, : e - s].float()
         wb[s:e] = bump[: e - s]
     return (a * wa + b * wb) / (wa + wb).clamp_min(1e-8)
+
+
+def as_wave_list(inputs: Any) -> list[torch.Tensor]:
+    """Waveforms as given ((L,), (B, L), arrays, or lists of them) -> a list of float (L_i,) tensors."""
+    if isinstance(inputs, np.ndarray):
+        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
+    if isinstance(inputs, torch.Tensor):
+        if inputs.ndim == 1:
+            return [inputs.float()]
+        if inputs.ndim == 2:
+            return [w.float() for w in inputs]
+        raise ValueError(f"waveforms: expected (L,) or (B, L); got {tuple(inputs.shape)}")
+    if isinstance(inputs, list | tuple):
+        out = []
+        for item in inputs:
+            out.extend(as_wave_list(item))
+        return out
+    raise TypeError(f"waveforms: unsupported input type {type(inputs).__name__}")
+
+
+class AudioCodec:
+    """The audio side of a :class:`~revq_ray.tokenizer.Tokenizer`: recordings of any length <-> AudioIds.
+
+    The Tokenizer quantizes one VAE input (one window); this class cuts recordings into windows, hands them to
+    the Tokenizer, and decodes ids back by overlap-add and (mel VAEs) the vocoder.
+
+    Args:
+        tok: the Tokenizer it serves: anything with ``vae``, ``tokens``, ``device``,
+            ``encode_inputs(x, batch_size)`` (VAE inputs -> ids) and ``decode_latents(ids_bt)``.
+        vocoder: mel VAEs: the vocoder spec; None = the VAE's own (griffin-lim unless it names vocos).
+    """
+
+    def __init__(self, tok: Any, vocoder: str | None = None):
+        self.tok = tok
+        self.vocoder_override = vocoder
+        self._vocoder: Any = None
+
+    # ----------------------------------------------------------------------------------------- sizes
+    @property
+    def vae(self) -> Any:
+        return self.tok.vae
+
+    @property
+    def input_kind(self) -> str:
+        """``"mel"`` (a mel VAE: windows of F frames) or ``"waveform"`` (windows of ``clip`` samples)."""
+        return str(getattr(self.vae, "input_kind", "mel"))
+
+    @property
+    def sample_rate(self) -> int | None:
+        fe = getattr(self.vae, "front_end", None)
+        if fe is not None:
+            return int(fe.sample_rate)
+        sr = getattr(self.vae, "sample_rate", None)
+        return int(sr) if sr else None
+
+    @property
+    def clip_samples(self) -> int:
+        """The waveform length (samples) whose mel is exactly one window (``(F - 1) * hop`` for a mel VAE: a
+        centered STFT gives ``1 + n // hop`` frames)."""
+        if self.input_kind == "mel":
+            return (int(self.vae.input_shape[-1]) - 1) * int(self.vae.front_end.hop)
+        return int(self.vae.input_shape[-1])
+
+    @property
+    def window_samples(self) -> int:
+        """How far one window of T ids reaches in time, in samples (``F * hop`` for a mel VAE)."""
+        if self.input_kind == "mel":
+            return int(self.vae.input_shape[-1]) * int(self.vae.front_end.hop)
+        return int(self.vae.input_shape[-1])
+
+    def num_windows(self, n_samples: int) -> int:
+        """Windows (of T ids each) that a recording of ``n_samples`` at ``sample_rate`` takes."""
+        if self.input_kind == "mel":
+            return num_windows(self.vae.front_end.num_frames(n_samples), int(self.vae.input_shape[-1]))
+        return num_windows(n_samples, int(self.vae.input_shape[-1]))
+
+    def use_vocoder(self, spec: str | None) -> None:
+        """Decode mels with the vocoder ``spec`` from now on (None: the VAE's own)."""
+        if spec != self.vocoder_override:
+            self.vocoder_override, self._vocoder = spec, None
+
+    @property
+    def vocoder(self) -> Any:
+        """Mel VAEs: the vocoder (``griffin-lim`` unless the VAE or ``vocoder=`` names ``vocos:...``)."""
+        if self._vocoder is None:
+            from revq_ray.vae.vocoder import load_vocoder
+
+            spec = self.vocoder_override or getattr(self.vae, "vocoder_spec", None)
+            self._vocoder = load_vocoder(spec, self.tok.device)
+            check = getattr(self._vocoder, "check", None)
+            if check is not None:
+                check(self.vae.front_end)
+        return self._vocoder
+
+    # ----------------------------------------------------------------------------------------- encode
+    def windows(
+        self, inputs: Any, sample_rate: int | None
+    ) -> tuple[list[torch.Tensor], list[int], list[int]]:
+        """Waveforms -> (per recording its windows (W_i, *input_shape), lengths at ``self.sample_rate``,
+        lengths as given). Mel VAEs take the mel of the whole recording, then cut it into windows of F
+        frames, so a window's frames are those the long recording has there."""
+        import torchaudio
+
+        if sample_rate is None:
+            raise ValueError(
+                "audio tokenizer: pass sample_rate= with the waveforms (their sampling rate in Hz)"
+            )
+        windows, lengths, source_lengths = [], [], []
+        for w in as_wave_list(inputs):
+            if w.numel() == 0:
+                raise ValueError("audio tokenizer: an empty waveform (0 samples) has no tokens")
+            source_lengths.append(int(w.numel()))
+            if int(sample_rate) != self.sample_rate:
+                w = torchaudio.functional.resample(w, int(sample_rate), int(self.sample_rate))
+            lengths.append(int(w.numel()))
+            if self.input_kind == "mel":
+                fe = self.vae.front_end
+                mel = fe(w.to(fe.mel.spectrogram.window.device))  # (n_mels, 1 + n // hop)
+                windows.append(split_windows(mel, int(self.vae.input_shape[-1]), pad_value=-1.0))
+            else:
+                wins = split_windows(w[None], int(self.vae.input_shape[-1]), pad_value=0.0)
+                windows.append(wins.reshape(-1, *self.vae.input_shape))
+        return windows, lengths, source_lengths
+
+    def encode(self, inputs: Any, sample_rate: int | None, batch_size: int) -> AudioIds:
+        """Waveforms of any length -> :class:`AudioIds` (every window of every recording in one pass)."""
+        windows, lengths, source_lengths = self.windows(inputs, sample_rate)
+        ids_nt = self.tok.encode_inputs(torch.cat(windows), batch_size)
+        items = list(ids_nt.split([len(w) for w in windows]))
+        return AudioIds.from_items(
+            items,
+            lengths,
+            int(self.tok.tokens),
+            self.window_samples,
+            self.sample_rate,
+            int(sample_rate),
+            source_lengths,
+        )
+
+    # ----------------------------------------------------------------------------------------- decode
+    def postprocess(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """A VAE output batch -> waveforms (B, L) in [-1, 1] (``length`` samples, default one clip)."""
+        length = self.clip_samples if length is None else int(length)
+        if self.input_kind == "mel":
+            return self.vocoder(x, self.vae.front_end, length)
+        x = x.reshape(x.shape[0], -1)
+        if x.shape[-1] < length:
+            x = torch.nn.functional.pad(x, (0, length - x.shape[-1]))
+        return x[..., :length].clamp(-1.0, 1.0)
+
+    def decode(self, ids: Any, batch_size: int = 64, sample_rate: int | None = None) -> list[torch.Tensor]:
+        """Audio ids -> one waveform per recording, each of its exact length (see ``Tokenizer.decode``)."""
+        import torchaudio
+
+        audio_ids = self.as_audio_ids(ids)
+        outs = self.decode_windows([audio_ids.item_windows(b) for b in range(len(audio_ids))], batch_size)
+        waves = []
+        for b, y in enumerate(outs):
+            n = int(audio_ids.lengths[b])
+            w = self.output_to_wave(y, n)
+            if sample_rate is not None and int(sample_rate) != self.sample_rate:
+                w = torchaudio.functional.resample(w, self.sample_rate, int(sample_rate))
+                src = audio_ids.source_lengths
+                if audio_ids.source_rate == int(sample_rate) and src is not None:
+                    n_out = int(src[b])
+                    w = torch.nn.functional.pad(w, (0, max(0, n_out - w.numel())))[:n_out]
+            waves.append(w.cpu())
+        return waves
+
+    def decode_windows(self, items: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+        """Per recording its ids (W_i, T) -> its VAE output reassembled over time, (C, W_i * N), by
+        overlap-add of the windows and the windows straddling their borders."""
+        counts = [int(x.shape[0]) for x in items]
+        ids_nt = torch.cat(items)
+        z = torch.cat(
+            [
+                self.tok.decode_latents(ids_nt[i : i + batch_size])
+                for i in range(0, ids_nt.shape[0], batch_size)
+            ]
+        )
+        return [overlap_add(*self._decode_pair(z_w, batch_size)) for z_w in z.split(counts)]
+
+    def decode_latent_windows(self, z_items: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
+        """Like :meth:`decode_windows` from raw latents (W_i, *latent_shape) per recording."""
+        return [overlap_add(*self._decode_pair(z.to(self.tok.device), batch_size)) for z in z_items]
+
+    def _decode_pair(self, z_wcl: torch.Tensor, batch_size: int) -> tuple[Any, Any, int]:
+        """Decoded windows, decoded straddling windows, and how far into a window the latter start."""
+
+        def dec(z: torch.Tensor) -> torch.Tensor:
+            out = [self.vae.decode(z[i : i + batch_size]).cpu() for i in range(0, z.shape[0], batch_size)]
+            y = torch.cat(out)
+            return (
+                y.reshape(y.shape[0], -1, y.shape[-1])
+                if self.input_kind == "mel"
+                else y.reshape(y.shape[0], 1, -1)
+            )
+
+        a = dec(z_wcl)
+        b = dec(straddling_latents(z_wcl)) if z_wcl.shape[0] > 1 else None
+        n, L = a.shape[-1], z_wcl.shape[-1]
+        return a, b, (L // 2) * (n // L)
+
+    def output_to_wave(self, y_ct: torch.Tensor, n_samples: int) -> torch.Tensor:
+        """A reassembled VAE output (C, N) -> waveform (n_samples,)."""
+        if self.input_kind == "mel":
+            frames = self.vae.front_end.num_frames(n_samples)
+            return self.postprocess(y_ct[None, :, :frames].to(self.tok.device), length=n_samples)[0]
+        return self.postprocess(y_ct.reshape(1, -1), length=n_samples)[0]
+
+    def as_audio_ids(self, ids: Any) -> AudioIds:
+        """:class:`AudioIds` as is; a (B, W * T) id tensor (``PAD`` after a shorter row) as whole windows."""
+        if isinstance(ids, AudioIds):
+            return ids
+        tokens = int(self.tok.tokens)
+        t = torch.as_tensor(ids, dtype=torch.long)
+        t = t[None] if t.ndim == 1 else t
+        if t.ndim != 2 or t.shape[1] % tokens:
+            raise ValueError(
+                f"audio ids: expected AudioIds or (B, W * T) with T={tokens}; got {tuple(t.shape)}"
+            )
+        rows = [r.view(-1, tokens) for r in t]
+        rows = [r[(r != PAD).any(dim=1)] for r in rows]  # drop padding windows
+        hop = int(self.vae.front_end.hop) if self.input_kind == "mel" else 1
+        # whole windows: a mel window of F frames is (F * W - 1) * hop samples of a centered STFT
+        lengths = [len(r) * self.window_samples - (hop if self.input_kind == "mel" else 0) for r in rows]
+        return AudioIds.from_items(rows, lengths, tokens, self.window_samples, self.sample_rate)

@@ -150,7 +150,6 @@ def row_config(
     set_dotted(cfg, "train.max_steps", steps)
     cfg.setdefault("train", {}).setdefault("epochs", 1000)
     cfg["train"]["epochs"] = max(int(cfg["train"]["epochs"]), 1000)  # max_steps decides, not epochs
-    cfg["train"].pop("synthetic_items", None)  # never write synthetic data into a comparison
     for key, value in ROWS[row][1].items():
         set_dotted(cfg, f"model.{key}", value)
     if row == "gq" and cfg.get("model", {}).get("weighting", "none") != "none":

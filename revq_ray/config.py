@@ -30,6 +30,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def path_safe_name(v: str) -> str:
+    """``v`` if it can name a directory (a run's or a sweep's ``name``); else a ValueError naming the fix."""
+    if "/" in v or v in {".", ".."}:
+        raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
+    return v
+
+
 # --------------------------------------------------------------------------------------------- core
 class ResetConfig(Section):
     """Non-activation reset of dead codes (ReVQ)."""
@@ -172,10 +179,20 @@ class ModelConfig(Section):
 
 
 # --------------------------------------------------------------------------------------------- data
+SYNTHETIC = "synthetic"
+"""``data.shards: synthetic``: train on synthetic latents (``train.synthetic_items`` of
+``train.synthetic_latent_shape``), written once under ``<output_dir>/synthetic/``. The only way to get them:
+a path without a manifest is an error, never a silent fallback to random numbers."""
+
+
 class DataConfig(Section):
     """Where the latent shards live (written by ``python -m revq_ray.encode``)."""
 
-    shards: str = Field("", description="directory or URI holding manifest.json and *.tar latent shards")
+    shards: str = Field(
+        "",
+        description="directory or URI holding manifest.json and *.tar latent shards; `synthetic` = synthetic"
+        " latents for smoke tests (train.synthetic_items of train.synthetic_latent_shape)",
+    )
     val_shards: str = Field(
         "", description="separate validation shards; empty: hold out `val_items` from train"
     )
@@ -234,13 +251,10 @@ class TrainConfig(Section):
         description="test hook: every rank writes its final state to <run_dir>/ranks/rank<r>.safetensors",
     )
     synthetic_items: int = Field(
-        0,
-        ge=0,
-        description="if data.shards has no manifest, first write this many synthetic latents there"
-        " (0 = error)",
+        1024, ge=1, description="data.shards: synthetic: how many synthetic latents to write (once)"
     )
     synthetic_latent_shape: list[int] = Field(
-        default_factory=lambda: [16, 8, 8], description="latent shape of those synthetic latents"
+        default_factory=lambda: [16, 8, 8], description="data.shards: synthetic: their latent shape"
     )
     force_resume: bool = Field(
         False,
@@ -266,9 +280,7 @@ class RunConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_path_safe(cls, v: str) -> str:
-        if "/" in v or v in {".", ".."}:
-            raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
-        return v
+        return path_safe_name(v)
 
 
 # --------------------------------------------------------------------------------------------- loading

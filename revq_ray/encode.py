@@ -23,6 +23,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from revq_ray.runtime import MAX_SKIP_FRACTION
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-skip-fraction",
         type=float,
-        default=0.1,
+        default=MAX_SKIP_FRACTION,
         help="exit 1 when more than this fraction of the inputs was skipped (unreadable); 1 = never",
     )
     return p

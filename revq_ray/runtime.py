@@ -33,6 +33,8 @@ __all__ = [
     "is_uri",
     "join_location",
     "set_dotted",
+    "skip_failure",
+    "MAX_SKIP_FRACTION",
 ]
 
 LOG_FORMAT = "[%(name)s] %(message)s"
@@ -99,6 +101,28 @@ def join_location(root: str, *names: str) -> str:
     return str(Path(root, *names))
 
 
+# --------------------------------------------------------------------------------------------- skipped inputs
+MAX_SKIP_FRACTION = 0.1
+"""Default of ``--max-skip-fraction`` (encode and tokenize): the share of unreadable inputs a job accepts."""
+
+
+def skip_failure(skipped: int, total: int, max_fraction: float, example: str = "") -> str:
+    """The one rule of every job that skips unreadable inputs (``encode``, ``tokenize``): why the job failed
+    ("" if it did not). It fails when nothing was read, or when more than ``max_fraction`` of the ``total``
+    inputs were skipped; ``example`` (``"path: reason"``) names one of them."""
+    first = f" (e.g. {example})" if example else ""
+    if total and skipped >= total:
+        return f"nothing was read: all {total} inputs were skipped{first}"
+    fraction = skipped / total if total else 1.0
+    if fraction > max_fraction:
+        return (
+            f"{skipped} of {total} inputs ({100 * fraction:.1f}%) were skipped, over the "
+            f"{100 * max_fraction:g}% allowed{first}; the manifest lists each with its reason "
+            "(--max-skip-fraction raises the limit)"
+        )
+    return ""
+
+
 # --------------------------------------------------------------------------------------------- dotted keys
 def get_dotted(data: dict[str, Any], key: str, default: Any = None) -> Any:
     """``data["a"]["b"]`` for ``key="a.b"``; ``default`` when any part is missing."""
@@ -145,10 +169,13 @@ def init_ray(
     above the core count, so Ray Data's readers are not starved by the training workers' reservations). It
     never attaches to some other Ray that happens to run on the machine unless told to (``--address auto``).
 
-    The local instance advertises itself on the loopback address and keeps its dashboard on 127.0.0.1; Ray
-    still opens its gRPC ports on all interfaces (it has no option to bind them to loopback), and its
-    token authentication (on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise)
-    is what guards them.
+    What Ray really does with a local instance (Ray 2.60, checked by ``tests/cluster/test_local_ray.py``): it
+    advertises the machine's primary address, not loopback (``ray.util.get_node_ip_address()``, e.g.
+    ``--node-ip-address=192.0.2.2`` on the raylet; Ray ignores a ``_node_ip_address`` of 127.0.0.1 here), and
+    opens its gRPC ports on all interfaces (it has no option to bind them to loopback). Only the dashboard
+    (HTTP, job submission) is bound to 127.0.0.1. What guards the open ports is Ray's token authentication,
+    on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise: a client without the token
+    is refused. Do not turn it off on a machine others can reach.
     """
     import ray
 
@@ -169,6 +196,5 @@ def init_ray(
         num_cpus=n,
         include_dashboard=include_dashboard,
         dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
     )
     _log.info("started a local Ray with %d logical CPUs", n)

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from revq_ray.runtime import MAX_SKIP_FRACTION, skip_failure
+
 FORMAT = "revq-ray-tokens"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -119,7 +121,7 @@ def _stream(
         return
     import ray
 
-    from revq_ray.train.driver import init_ray
+    from revq_ray.runtime import init_ray
 
     init_ray()
     ds = ray.data.from_items([{"name": n, "path": str(p)} for n, p in items])
@@ -336,7 +338,7 @@ def detokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     else:
         import ray
 
-        from revq_ray.train.driver import init_ray
+        from revq_ray.runtime import init_ray
 
         init_ray()
 
@@ -384,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-size", type=int, default=1000, help="files per webdataset shard")
     p.add_argument("--batch-size", type=int, default=32, help="audio windows per VAE batch")
+    p.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=MAX_SKIP_FRACTION,
+        help="exit 1 when more than this fraction of the inputs was skipped (unreadable); 1 = never "
+        "(the manifest is written either way and lists each skipped file)",
+    )
     _common(p)
     return p
 
@@ -409,10 +418,17 @@ def build_detokenize_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        tokenize(args)
+        manifest = tokenize(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"revq-ray tokenize: error: {err}", file=sys.stderr)
         return 2
+    skipped = manifest["skipped"]
+    failed = skip_failure(
+        len(skipped), manifest["count"] + len(skipped), args.max_skip_fraction, skipped[0] if skipped else ""
+    )
+    if failed:
+        print(f"revq-ray tokenize: error: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -31,12 +31,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from revq_ray.audio_tokens import AudioCodec
+from revq_ray.vae import load_vae_for
 
 FORMAT = "revq-ray-tokenizer"
 VERSION = 1
@@ -179,23 +181,6 @@ def _as_image_list(inputs: Any) -> list[Any]:
     )
 
 
-def _as_wave_list(inputs: Any) -> list[torch.Tensor]:
-    if isinstance(inputs, np.ndarray):
-        inputs = torch.from_numpy(np.ascontiguousarray(inputs))
-    if isinstance(inputs, torch.Tensor):
-        if inputs.ndim == 1:
-            return [inputs.float()]
-        if inputs.ndim == 2:
-            return [w.float() for w in inputs]
-        raise ValueError(f"waveforms: expected (L,) or (B, L); got {tuple(inputs.shape)}")
-    if isinstance(inputs, list | tuple):
-        out = []
-        for item in inputs:
-            out.extend(_as_wave_list(item))
-        return out
-    raise TypeError(f"waveforms: unsupported input type {type(inputs).__name__}")
-
-
 # --------------------------------------------------------------------------------------------- Tokenizer
 class Tokenizer:
     """A frozen VAE plus a trained :class:`~revq_ray.core.model.ReVQModel`: media <-> token ids.
@@ -210,9 +195,8 @@ class Tokenizer:
         self.vae = vae
         self.model = model.eval()
         self.vae_spec = vae_spec or getattr(vae, "spec", "")
-        # mel VAEs: how decoded mels become waveforms; None = the VAE's own choice (griffin-lim by default)
-        self.vocoder_override = vocoder
-        self._vocoder: Any = None
+        # audio of any length: windowing, overlap-add and the vocoder (revq_ray.audio_tokens)
+        self.audio = AudioCodec(self, vocoder)
         if tuple(vae.latent_shape) != tuple(model.latent_shape):
             raise ValueError(
                 f"VAE {self.vae_spec!r} makes latents of shape {tuple(vae.latent_shape)} but the model was "
@@ -348,11 +332,7 @@ class Tokenizer:
 
     @property
     def sample_rate(self) -> int | None:
-        fe = getattr(self.vae, "front_end", None)
-        if fe is not None:
-            return int(fe.sample_rate)
-        sr = getattr(self.vae, "sample_rate", None)
-        return int(sr) if sr else None
+        return self.audio.sample_rate
 
     @property
     def tokens(self) -> int:
@@ -366,45 +346,34 @@ class Tokenizer:
     def bits_per_sample(self) -> float:
         return float(self.model.bits_per_sample)
 
+    # audio: AudioCodec's, here for the callers of earlier versions
     @property
     def clip_samples(self) -> int | None:
-        """Audio: the waveform length (samples) whose mel is exactly one window (``(F - 1) * hop`` for a mel
-        VAE: a centered STFT gives ``1 + n // hop`` frames)."""
-        if self.modality != "audio":
-            return None
-        if self.input_kind == "mel":
-            return (int(self.vae.input_shape[-1]) - 1) * int(self.vae.front_end.hop)
-        return int(self.vae.input_shape[-1])
+        """Audio: the waveform length of one window's input (:attr:`AudioCodec.clip_samples`)."""
+        return self.audio.clip_samples if self.modality == "audio" else None
 
     @property
     def window_samples(self) -> int | None:
-        """Audio: how far one window of T ids reaches in time, in samples (``F * hop`` for a mel VAE)."""
-        if self.modality != "audio":
-            return None
-        if self.input_kind == "mel":
-            return int(self.vae.input_shape[-1]) * int(self.vae.front_end.hop)
-        return int(self.vae.input_shape[-1])
+        """Audio: how far one window of T ids reaches in time, in samples."""
+        return self.audio.window_samples if self.modality == "audio" else None
 
     def num_windows(self, n_samples: int) -> int:
         """Audio: windows (of T ids each) that a recording of ``n_samples`` at ``sample_rate`` takes."""
-        from revq_ray.audio_tokens import num_windows
-
-        if self.input_kind == "mel":
-            return num_windows(self.vae.front_end.num_frames(n_samples), int(self.vae.input_shape[-1]))
-        return num_windows(n_samples, int(self.vae.input_shape[-1]))
+        return self.audio.num_windows(n_samples)
 
     @property
     def vocoder(self) -> Any:
-        """Mel VAEs: the vocoder (``griffin-lim`` unless the VAE or ``vocoder=`` names ``vocos:...``)."""
-        if self._vocoder is None:
-            from revq_ray.vae.vocoder import load_vocoder
+        """Mel VAEs: the vocoder (:attr:`AudioCodec.vocoder`)."""
+        return self.audio.vocoder
 
-            spec = self.vocoder_override or getattr(self.vae, "vocoder_spec", None)
-            self._vocoder = load_vocoder(spec, self.device)
-            check = getattr(self._vocoder, "check", None)
-            if check is not None:
-                check(self.vae.front_end)
-        return self._vocoder
+    @property
+    def vocoder_override(self) -> str | None:
+        """The vocoder spec given to the Tokenizer; None = the VAE's own."""
+        return self.audio.vocoder_override
+
+    @vocoder_override.setter
+    def vocoder_override(self, spec: str | None) -> None:
+        self.audio.use_vocoder(spec)
 
     def to(self, device: str | torch.device) -> Tokenizer:
         self.model.to(device)
@@ -420,55 +389,21 @@ class Tokenizer:
             size = int(self.vae.input_shape[-1])
             resize = getattr(self, "image_resize", "stretch")  # "center_crop" in imported published models
             return torch.stack([to_vae_input(img, size, resize) for img in _as_image_list(inputs)])
-        return self._preprocess_audio(inputs, sample_rate)
-
-    def _preprocess_audio(self, inputs: Any, sample_rate: int | None) -> torch.Tensor:
-        """Waveforms of any length -> every window of each, stacked (sum of windows, *input_shape)."""
-        return torch.cat(self.audio_windows(inputs, sample_rate)[0])
+        # audio: waveforms of any length -> every window of each, stacked (sum of windows, *input_shape)
+        return torch.cat(self.audio.windows(inputs, sample_rate)[0])
 
     def audio_windows(
         self, inputs: Any, sample_rate: int | None
     ) -> tuple[list[torch.Tensor], list[int], list[int]]:
-        """Waveforms -> (per recording its windows (W_i, *input_shape), lengths at ``self.sample_rate``,
-        lengths as given). Mel VAEs take the mel of the whole recording, then cut it into windows of F
-        frames, so a window's frames are those the long recording has there."""
-        import torchaudio
-
-        from revq_ray.audio_tokens import split_windows
-
-        if sample_rate is None:
-            raise ValueError(
-                "audio tokenizer: pass sample_rate= with the waveforms (their sampling rate in Hz)"
-            )
-        windows, lengths, source_lengths = [], [], []
-        for w in _as_wave_list(inputs):
-            if w.numel() == 0:
-                raise ValueError("audio tokenizer: an empty waveform (0 samples) has no tokens")
-            source_lengths.append(int(w.numel()))
-            if int(sample_rate) != self.sample_rate:
-                w = torchaudio.functional.resample(w, int(sample_rate), int(self.sample_rate))
-            lengths.append(int(w.numel()))
-            if self.input_kind == "mel":
-                fe = self.vae.front_end
-                mel = fe(w.to(fe.mel.spectrogram.window.device))  # (n_mels, 1 + n // hop)
-                windows.append(split_windows(mel, int(self.vae.input_shape[-1]), pad_value=-1.0))
-            else:
-                wins = split_windows(w[None], int(self.vae.input_shape[-1]), pad_value=0.0)
-                windows.append(wins.reshape(-1, *self.vae.input_shape))
-        return windows, lengths, source_lengths
+        """Audio: see :meth:`AudioCodec.windows`."""
+        return self.audio.windows(inputs, sample_rate)
 
     def postprocess(self, x: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """A VAE output batch -> media: images (B, 3, H, W) in [0, 1]; audio waveforms (B, L) in [-1, 1]
         (``length`` samples, default one clip)."""
         if self.modality == "image":
             return x.clamp(0.0, 1.0)
-        length = self.clip_samples if length is None else int(length)
-        if self.input_kind == "mel":
-            return self.vocoder(x, self.vae.front_end, length)
-        x = x.reshape(x.shape[0], -1)
-        if x.shape[-1] < length:
-            x = torch.nn.functional.pad(x, (0, length - x.shape[-1]))
-        return x[..., :length].clamp(-1.0, 1.0)
+        return self.audio.postprocess(x, length)
 
     # ----------------------------------------------------------------------------------------- API
     @torch.no_grad()
@@ -493,10 +428,10 @@ class Tokenizer:
         window in time order (``ids.item(b)``), with the true lengths.
         """
         if self.modality == "audio":
-            return self._encode_audio(inputs, sample_rate, batch_size)
-        return self._encode_inputs(self.preprocess(inputs, sample_rate), batch_size)
+            return self.audio.encode(inputs, sample_rate, batch_size)
+        return self.encode_inputs(self.preprocess(inputs, sample_rate), batch_size)
 
-    def _encode_inputs(self, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def encode_inputs(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
         """VAE inputs (N, *input_shape) -> ids (N, T)."""
         # GQ scores codes against the posterior N(mu, sigma^2): give it the log-variance when the VAE has one.
         use_posterior = self.model.cfg.quantizer.type == "gq" and bool(
@@ -511,22 +446,6 @@ class Tokenizer:
             else:
                 out.append(self.encode_latents(self.vae.encode(xb)).cpu())
         return torch.cat(out)
-
-    def _encode_audio(self, inputs: Any, sample_rate: int | None, batch_size: int) -> Any:
-        from revq_ray.audio_tokens import AudioIds
-
-        windows, lengths, source_lengths = self.audio_windows(inputs, sample_rate)
-        ids_nt = self._encode_inputs(torch.cat(windows), batch_size)  # every window of every recording
-        items = list(ids_nt.split([len(w) for w in windows]))
-        return AudioIds.from_items(
-            items,
-            lengths,
-            self.tokens,
-            self.window_samples,
-            self.sample_rate,
-            int(sample_rate),
-            source_lengths,
-        )
 
     @torch.no_grad()
     def decode(
@@ -545,7 +464,7 @@ class Tokenizer:
         id tensor (``PAD`` = -1 after a shorter row's windows) decodes to whole windows.
         """
         if self.modality == "audio":
-            waves = self.decode_audio(ids, batch_size, sample_rate)
+            waves = self.audio.decode(ids, batch_size, sample_rate)
             out = torch.zeros(len(waves), max(w.numel() for w in waves))
             for b, w in enumerate(waves):
                 out[b, : w.numel()] = w
@@ -563,87 +482,16 @@ class Tokenizer:
     def decode_audio(
         self, ids: Any, batch_size: int = 64, sample_rate: int | None = None
     ) -> list[torch.Tensor]:
-        """Audio ids -> one waveform per recording, each of its exact length (see :meth:`decode`)."""
-        import torchaudio
-
-        audio_ids = self._as_audio_ids(ids)
-        outs = self.decode_windows([audio_ids.item_windows(b) for b in range(len(audio_ids))], batch_size)
-        waves = []
-        for b, y in enumerate(outs):
-            n = int(audio_ids.lengths[b])
-            w = self._output_to_wave(y, n)
-            if sample_rate is not None and int(sample_rate) != self.sample_rate:
-                w = torchaudio.functional.resample(w, self.sample_rate, int(sample_rate))
-                src = audio_ids.source_lengths
-                if audio_ids.source_rate == int(sample_rate) and src is not None:
-                    n_out = int(src[b])
-                    w = torch.nn.functional.pad(w, (0, max(0, n_out - w.numel())))[:n_out]
-            waves.append(w.cpu())
-        return waves
+        """Audio ids -> one waveform per recording, each of its exact length (:meth:`AudioCodec.decode`)."""
+        return self.audio.decode(ids, batch_size, sample_rate)
 
     def decode_windows(self, items: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
-        """Per recording its ids (W_i, T) -> its VAE output reassembled over time, (C, W_i * N), by
-        overlap-add of the windows and the windows straddling their borders (:mod:`revq_ray.audio_tokens`)."""
-        from revq_ray.audio_tokens import overlap_add
-
-        counts = [int(x.shape[0]) for x in items]
-        z = self._latents_of(torch.cat(items), batch_size)
-        per_item = list(z.split(counts))
-        return [overlap_add(*self._decode_pair(z_w, batch_size)) for z_w in per_item]
+        """Audio: see :meth:`AudioCodec.decode_windows`."""
+        return self.audio.decode_windows(items, batch_size)
 
     def decode_latent_windows(self, z_items: list[torch.Tensor], batch_size: int = 64) -> list[torch.Tensor]:
-        """Like :meth:`decode_windows` from raw latents (W_i, *latent_shape) per recording."""
-        from revq_ray.audio_tokens import overlap_add
-
-        return [overlap_add(*self._decode_pair(z.to(self.device), batch_size)) for z in z_items]
-
-    def _latents_of(self, ids_nt: torch.Tensor, batch_size: int) -> torch.Tensor:
-        return torch.cat(
-            [self.decode_latents(ids_nt[i : i + batch_size]) for i in range(0, ids_nt.shape[0], batch_size)]
-        )
-
-    def _decode_pair(self, z_wcl: torch.Tensor, batch_size: int) -> tuple[Any, Any, int]:
-        """Decoded windows, decoded straddling windows, and how far into a window the latter start."""
-        from revq_ray.audio_tokens import straddling_latents
-
-        def dec(z: torch.Tensor) -> torch.Tensor:
-            out = [self.vae.decode(z[i : i + batch_size]).cpu() for i in range(0, z.shape[0], batch_size)]
-            y = torch.cat(out)
-            return (
-                y.reshape(y.shape[0], -1, y.shape[-1])
-                if self.input_kind == "mel"
-                else y.reshape(y.shape[0], 1, -1)
-            )
-
-        a = dec(z_wcl)
-        b = dec(straddling_latents(z_wcl)) if z_wcl.shape[0] > 1 else None
-        n, L = a.shape[-1], z_wcl.shape[-1]
-        return a, b, (L // 2) * (n // L)
-
-    def _output_to_wave(self, y_ct: torch.Tensor, n_samples: int) -> torch.Tensor:
-        """A reassembled VAE output (C, N) -> waveform (n_samples,)."""
-        if self.input_kind == "mel":
-            frames = self.vae.front_end.num_frames(n_samples)
-            return self.postprocess(y_ct[None, :, :frames].to(self.device), length=n_samples)[0]
-        return self.postprocess(y_ct.reshape(1, -1), length=n_samples)[0]
-
-    def _as_audio_ids(self, ids: Any) -> Any:
-        from revq_ray.audio_tokens import PAD, AudioIds
-
-        if isinstance(ids, AudioIds):
-            return ids
-        t = torch.as_tensor(ids, dtype=torch.long)
-        t = t[None] if t.ndim == 1 else t
-        if t.ndim != 2 or t.shape[1] % self.tokens:
-            raise ValueError(
-                f"audio ids: expected AudioIds or (B, W * T) with T={self.tokens}; got {tuple(t.shape)}"
-            )
-        rows = [r.view(-1, self.tokens) for r in t]
-        rows = [r[(r != PAD).any(dim=1)] for r in rows]  # drop padding windows
-        hop = int(self.vae.front_end.hop) if self.input_kind == "mel" else 1
-        # whole windows: a mel window of F frames is (F * W - 1) * hop samples of a centered STFT
-        lengths = [len(r) * self.window_samples - (hop if self.input_kind == "mel" else 0) for r in rows]
-        return AudioIds.from_items(rows, lengths, self.tokens, self.window_samples, self.sample_rate)
+        """Audio: see :meth:`AudioCodec.decode_latent_windows`."""
+        return self.audio.decode_latent_windows(z_items, batch_size)
 
     @torch.no_grad()
     def reconstruct(self, inputs: Any, sample_rate: int | None = None) -> torch.Tensor:
@@ -656,28 +504,3 @@ class Tokenizer:
             f"codebook_size={self.codebook_size}, bits_per_sample={self.bits_per_sample:g}, "
             f"quantizer={self.model.cfg.quantizer.type})"
         )
-
-
-def load_vae_for(
-    spec: str, latent_shape: Sequence[int], device: str | torch.device = "cpu", image_size: int | None = None
-) -> Any:
-    """Load a VAE whose latents have ``latent_shape``.
-
-    Image VAEs are convolutional: their latent size depends on the input size. Without an explicit
-    ``image_size`` the VAE is loaded at its default size first, and if its latents do not match the model's,
-    reloaded at ``latent side * downsampling factor`` (e.g. 8x8 latents of an f8 VAE -> 64x64 images).
-    """
-    from revq_ray.vae import load_vae
-
-    vae = load_vae(spec, device=str(device), image_size=image_size)
-    want = tuple(int(s) for s in latent_shape)
-    if (
-        image_size is None
-        and getattr(vae, "modality", "image") == "image"
-        and tuple(vae.latent_shape) != want
-        and len(want) == 3
-        and vae.latent_shape[-1]
-    ):
-        factor = int(vae.input_shape[-1]) // int(vae.latent_shape[-1])
-        vae = load_vae(spec, device=str(device), image_size=want[-1] * factor)
-    return vae

@@ -73,7 +73,7 @@ def test_debug_preset_is_tiny_and_runs_anywhere():
     cfg: RunConfig = load_config(ROOT / "configs" / "debug.yaml")
     t = cfg.train
     assert (t.num_workers, t.use_gpu, t.precision) == (1, False, "fp32")
-    assert t.synthetic_items > 0  # writes synthetic shards where data.shards points when none are there
+    assert cfg.data.shards == "synthetic"  # asks for synthetic latents by name (written once, reused)
     TokenLayout(t.synthetic_latent_shape, cfg.model.quantizer.tokens)
     steps = t.epochs * ((t.synthetic_items - cfg.data.val_items) // t.batch_size)
     assert steps <= 100 and math.prod(t.synthetic_latent_shape) <= 2048

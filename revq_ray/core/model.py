@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from revq_ray.core.files import follow_umask
 from revq_ray.core.layout import TokenLayout, channel_order_for
 from revq_ray.core.precision import as_fp32, full_precision
 from revq_ray.core.quantizers import QuantOut, ReduceFn, build_quantizer
@@ -48,15 +49,27 @@ _WEIGHTS_NAME = "model.safetensors"  # huggingface_hub.constants.SAFETENSORS_SIN
 
 
 def _safetensors_shapes(path: str) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors file's header (8-byte length + JSON), without reading weights."""
+    """Tensor shapes from a safetensors file's header (8-byte length + JSON), without reading weights. Raises
+    a ``ValueError`` naming the file when it is not whole (truncated by a full disk or a broken copy)."""
     import json
 
+    fix = "copy it again, or re-export it (a training run rewrites export/latest at its next checkpoint)"
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= 100 * 2**20:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+            raise ValueError(f"{path}: not a safetensors file (header length {n}); {fix}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(
+                f"{path}: truncated or damaged ({size:,} bytes, header unreadable); {fix}"
+            ) from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    need = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+    if size < need:
+        raise ValueError(f"{path}: truncated or damaged ({size:,} bytes, its header says {need:,}); {fix}")
+    return {k: v["shape"] for k, v in tensors.items()}
 
 
 def _check_shapes_before_building(cls: type, kwargs: dict[str, Any], path: str) -> None:
@@ -177,8 +190,8 @@ class ReVQModel(
 
     @classmethod
     def from_config(cls, latent_shape: list[int] | tuple[int, ...], cfg: ModelConfig) -> ReVQModel:
-        """Build from a validated :class:`~revq_ray.config.ModelConfig`."""
-        return cls(list(latent_shape), cfg.model_dump(mode="json"))
+        """Build from a validated :class:`~revq_ray.config.ModelConfig` (passed through, not re-parsed)."""
+        return cls(list(latent_shape), cfg)
 
     # ----------------------------------------------------------------------------------------- properties
     @property
@@ -381,6 +394,11 @@ class ReVQModel(
         )
 
     # ----------------------------------------------------------------------------------------- hub loading
+    def _save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        super()._save_pretrained(save_directory)
+        # safetensors writes 0600 whatever the umask says: teammates who share the folder must read it.
+        follow_umask(os.path.join(save_directory, _WEIGHTS_NAME))
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> ReVQModel:
         """Load a model saved with :meth:`save_pretrained` from a local directory or a hub repo id.

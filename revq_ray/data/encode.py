@@ -355,18 +355,17 @@ class EncodeResult:
 
 
 def check_result(result: EncodeResult, max_skip_fraction: float) -> str:
-    """Why an encode should count as failed ("" if it should not): nothing encoded, or too many skipped."""
+    """Why an encode should count as failed ("" if it should not): nothing encoded, or too many skipped
+    (:func:`revq_ray.runtime.skip_failure`, the rule ``tokenize`` follows too)."""
+    from revq_ray.runtime import skip_failure
+
     m = result.manifest
-    first = f" (e.g. {m.skipped[0]['path']}: {m.skipped[0]['reason']})" if m.skipped else ""
+    first = f"{m.skipped[0]['path']}: {m.skipped[0]['reason']}" if m.skipped else ""
     if m.count == 0:
-        return f"nothing was encoded: {m.num_skipped} of {result.items} inputs were skipped{first}"
-    if result.skip_fraction > max_skip_fraction:
-        return (
-            f"{m.num_skipped} of {result.items} inputs ({100 * result.skip_fraction:.1f}%) were skipped, "
-            f"over the {100 * max_skip_fraction:g}% allowed{first}; the manifest lists each with its reason "
-            "(--max-skip-fraction raises the limit)"
+        return f"nothing was encoded: {m.num_skipped} of {result.items} inputs were skipped" + (
+            f" (e.g. {first})" if first else ""
         )
-    return ""
+    return skip_failure(m.num_skipped, result.items, max_skip_fraction, first)
 
 
 @dataclass

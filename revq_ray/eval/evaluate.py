@@ -143,14 +143,8 @@ def evaluate(
 def _setup(model, input, output, vae, limit, device, run_dir, log, vocoder) -> _Eval:
     """Load the model, find and load its VAE, read the input."""
     from revq_ray.core.model import ReVQModel
-    from revq_ray.tokenizer import (
-        Tokenizer,
-        image_resize_of,
-        load_vae_for,
-        local_model_path,
-        resolve_model_dir,
-        run_dir_of,
-    )
+    from revq_ray.tokenizer import Tokenizer, image_resize_of, local_model_path, resolve_model_dir, run_dir_of
+    from revq_ray.vae import load_vae_for
 
     t0 = time.perf_counter()
     dev = _pick_device(device)
@@ -484,8 +478,8 @@ def _audio_files(ev: _Eval, q, result, summary, figures, audio_items) -> None:
         row: dict[str, Any] = {"name": data.names[i], "seconds": n / sr, "windows": ev.windows[i]}
         row["ids"] = ev.windows[i] * tok.tokens
         waves = {
-            "vae_only": tok._output_to_wave(dec_vae[i], n),
-            "tokenized": tok._output_to_wave(dec_tok[i], n),
+            "vae_only": tok.audio.output_to_wave(dec_vae[i], n),
+            "tokenized": tok.audio.output_to_wave(dec_tok[i], n),
         }
         if mel:
             mel_in = tok.vae.front_end(wave.to(ev.dev)).cpu()

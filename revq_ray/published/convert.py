@@ -440,6 +440,7 @@ def export_revq(model_dir: str | os.PathLike, output: str | os.PathLike) -> Path
     import yaml
     from safetensors.torch import save_file
 
+    from revq_ray.core.files import follow_umask
     from revq_ray.core.model import ReVQModel
     from revq_ray.tokenizer import resolve_model_dir
 
@@ -459,4 +460,5 @@ def export_revq(model_dir: str | os.PathLike, output: str | os.PathLike) -> Path
     st = model.standardizer
     stats = {"mean": st.mean.detach().flatten().contiguous(), "std": st.std.detach().flatten().contiguous()}
     save_file(stats, str(out / STATS_NAME))
+    follow_umask(out / STATS_NAME)  # safetensors writes 0600
     return out

@@ -30,6 +30,7 @@ def write_random_published(
     """Random weights in the published layout under ``output``; returns ``output``."""
     from safetensors.torch import save_file
 
+    from revq_ray.core.files import follow_umask
     from revq_ray.core.rectifiers_published import DCAERectifier
 
     if model not in MODELS:
@@ -46,6 +47,7 @@ def write_random_published(
     torch.save({"decoder": decoder, "quantizer": quantizer}, out / CKPT_NAME)
     (out / YAML_NAME).write_text(yaml.safe_dump(spec.to_yaml_dict(), sort_keys=False))
     save_file({"mean": torch.zeros(2048), "std": torch.ones(2048)}, str(out / "stats.safetensors"))
+    follow_umask(out / "stats.safetensors")  # safetensors writes 0600
     return out
 
 

@@ -5,9 +5,9 @@ Tune driver (one Train run per trial, with ``callbacks=[TuneReportCallback()]``)
 
 Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of the run)::
 
-    R/checkpoint_step000001234/   Ray Train checkpoints (DeepSpeed state of every rank + trainer_state.json)
+    R/checkpoint_step000001234/   checkpoints and R/export/{latest,best}: revq_ray/train/checkpoint.py says
+                                  how and when (its Checkpointer writes them all)
     R/metrics.csv, R/tensorboard/ metrics of rank 0 (committed timeline: resumed steps are not listed twice)
-    R/export/latest, R/export/best  save_pretrained exports (ReVQModel.from_pretrained loads them)
     R/config.json, R/workers.json, R/starts.csv
 
 Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores
@@ -36,10 +36,6 @@ __all__ = [
     "build_trainer",
     "run",
     "main",
-    "init_ray",
-    "plan_run",
-    "resolve_paths",
-    "ensure_shards",
     "worker_env",
 ]
 
@@ -108,6 +104,11 @@ def build_trainer(
     ensure_shards(cfg)
     plan, datasets = plan_run(cfg, storage_path=storage_path, run_name=run_name)
     check_run_identity(cfg, plan.storage_path, plan.name)  # before any worker touches the run
+    # The workers resume from the newest complete checkpoint in storage (revq_ray.train.checkpoint), not from
+    # Ray Train's list of reported ones, which lags behind storage after a kill and names pruned folders.
+    from revq_ray.train.checkpoint import forget_ray_history
+
+    forget_ray_history(plan.storage_path, plan.name)
     tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
     if tc.use_gpu:
@@ -122,7 +123,9 @@ def build_trainer(
             name=plan.name,
             storage_path=plan.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            # Every checkpoint stays registered with Ray: the trainer itself prunes storage to
+            # train.keep_checkpoints complete ones (revq_ray.train.checkpoint.prune), after interruptions too.
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
             callbacks=list(callbacks),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -145,11 +148,25 @@ def run(
     storage_path: str | None = None,
     run_name: str | None = None,
     callbacks: Sequence[Any] = (),
+    address: str | None = None,
 ) -> ray.train.Result:
     """Train ``cfg`` to the end (or resume it) and return Ray Train's ``Result``; ``result.metrics`` holds the
-    last report of rank 0, including ``val_mse`` and ``run_dir``."""
-    trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, callbacks=callbacks)
-    return trainer.fit()
+    last report of rank 0, including ``val_mse`` and ``run_dir``.
+
+    The run folder is owned while this runs (:class:`~revq_ray.train.run_lock.RunLock`): a second start of
+    the same name and output folder raises :class:`~revq_ray.train.run_lock.RunLockedError` naming the
+    owner, before touching anything: Ray included (joined or started here, at ``address``, only once the
+    lock is held, unless the caller already did)."""
+    import ray
+
+    from revq_ray.runtime import absolute
+    from revq_ray.train.run_lock import RunLock
+
+    with RunLock(absolute(storage_path or cfg.output_dir), run_name or cfg.name):
+        if not ray.is_initialized():
+            init_ray(address)
+        trainer = build_trainer(cfg, storage_path=storage_path, run_name=run_name, callbacks=callbacks)
+        return trainer.fit()
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -193,10 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    init_ray(args.address)
+    from revq_ray.train.run_lock import RunLockedError
+
     try:
-        result = run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        result = run(cfg, address=args.address)
+    except (ConfigError, FileNotFoundError, ValueError, RunLockedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a failed run (e.g. a non-finite loss): its cause in one line, exit 1
@@ -215,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"finished {cfg.name}: step {m.get('step')}, val_mse {val:.5f} (without rectifier "
         f"{m.get('val_mse_norect', math.nan):.5f}), usage {100 * m.get('usage_mean', math.nan):.1f}%"
     )
-    from revq_ray.train.guards import existing_exports
+    from revq_ray.train.checkpoint import existing_exports
 
     exports = " and ".join(existing_exports(m.get("run_dir"))) or "no export"
     _log(f"run dir {m.get('run_dir')}; model: {exports}")

@@ -10,7 +10,6 @@ left waiting in a collective.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -79,18 +78,3 @@ def failure_message(err: BaseException) -> str:
         return texts[1].strip().splitlines()[0]
     first = text.strip().splitlines()[0] if text.strip() else ""
     return f"{type(err).__name__}: {first}"
-
-
-def existing_exports(run_dir: Any) -> list[str]:
-    """The export folders of a run that exist (``export/best``, ``export/latest``), as strings."""
-    from revq_ray.data import fs as _fs
-    from revq_ray.runtime import join_location
-
-    if not run_dir:
-        return []
-    fs, root = _fs.resolve(str(run_dir))
-    return [
-        join_location(str(run_dir), "export", n)
-        for n in ("best", "latest")
-        if _fs.is_file(fs, _fs.join(root, f"export/{n}/model.safetensors"))
-    ]

@@ -189,13 +189,14 @@ def progress_line(m: dict[str, Any], total_steps: int, eta_s: float | None) -> s
 
 # --------------------------------------------------------------------------------------------- reporter
 class Reporter:
-    """Window sums, the metrics dict, ``ray.train.report``, exports and rank 0's logs, for the worker loop.
+    """Window sums, the metrics dict, ``ray.train.report`` and rank 0's logs, for the worker loop (saving and
+    exporting: :class:`~revq_ray.train.checkpoint.Checkpointer`).
 
     Per step, :meth:`add` adds the step's losses to sums that stay on the device (no host sync). When the
     schedule says a report is due, :meth:`close_window` all-reduces the sums (one small collective, on every
     rank) and checks them: a non-finite loss stops the run with its step number, before anything is saved.
-    :meth:`publish` then writes the CSV row, the TensorBoard events and the progress line (rank 0), exports
-    the model, and reports to Ray Train (every rank, with its checkpoint part).
+    :meth:`publish` then writes the CSV row, the TensorBoard events and the progress line (rank 0) and
+    reports to Ray Train (every rank, with its checkpoint part when one was saved).
 
     Ray Train V2 takes one report per worker every health-check interval (a queue of size 1, drained every
     ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` = 2 s by default): reporting more often blocks the loop. So every
@@ -269,16 +270,15 @@ class Reporter:
         m.update({k: v for k, v in extra.items() if v is not None})
         return m
 
-    def publish(self, metrics: dict[str, Any], *, due_ray: bool, checkpoint: Any = None,
-                exports: tuple[str, ...] = (), module: Any = None) -> None:  # fmt: skip
-        """Rank 0: exports, CSV/TensorBoard, progress line. Every rank: ``ray.train.report`` if due."""
+    def publish(self, metrics: dict[str, Any], *, due_ray: bool, checkpoint: Any = None) -> None:
+        """Rank 0: CSV/TensorBoard, progress line. Every rank: ``ray.train.report`` if due or with
+        ``checkpoint`` (this rank's part, from :meth:`revq_ray.train.checkpoint.Checkpointer.save`: the one
+        report call that Ray Train uploads it in)."""
         import ray.train
 
         from revq_ray.train import checkpoint as ckpt
 
         if self.rank == 0 and self.logger is not None:
-            for name in exports:
-                ckpt.export_pretrained(module, self.run_dir / "export" / name)
             self.logger.log(metrics)
             rate = metrics["step"] - self.start_step
             eta = (
@@ -289,7 +289,7 @@ class Reporter:
             ray.train.report(
                 metrics,
                 checkpoint=checkpoint,
-                checkpoint_dir_name=f"checkpoint_step{metrics['step']:09d}" if checkpoint else None,
+                checkpoint_dir_name=ckpt.dir_name(metrics["step"]) if checkpoint else None,
             )
             self.last_report_t = time.perf_counter()
         self.win.zero_()

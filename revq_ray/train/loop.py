@@ -8,7 +8,7 @@ Reads like nanoGPT's::
         train_step(run, batch)               # forward, backward, per-module clip, optimizer step
         due = run.schedule.advance(run.state, run.samples_per_step)
         if due.any:
-            after_step(run, due)             # reset, validate, report, checkpoint, export
+            after_step(run, due)             # reset, validate, report; checkpoint and export (Checkpointer)
     finish(run)
 
 Data and epochs. Each worker streams its split of the training set (``get_dataset_shard("train")``, split
@@ -38,9 +38,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,7 +51,6 @@ from revq_ray.config import RunConfig
 from revq_ray.runtime import get_logger
 from revq_ray.train import checkpoint as ckpt
 from revq_ray.train import engine as eng
-from revq_ray.train import guards
 from revq_ray.train.logs import Reporter
 from revq_ray.train.plan import RunPlan
 from revq_ray.train.schedule import Due, Schedule
@@ -106,12 +103,12 @@ class Run:
     state: ckpt.TrainerState
     schedule: Schedule
     reporter: Reporter
+    checkpointer: ckpt.Checkpointer
     batches: Iterator[dict[str, torch.Tensor]]
     val_shard: Any = None
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     lr: float = 0.0
     last_val: tuple[float, float] | None = None
-    last_ckpt_step: int = 0
 
     @property
     def module(self) -> Any:
@@ -193,40 +190,6 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
-@contextlib.contextmanager
-def _local_checkpoint_dir(checkpoint: Any, rank: int) -> Iterator[str]:
-    """The checkpoint as a local folder: itself on a local filesystem; a download of this rank's own from an
-    object store. Not Ray's ``as_directory()`` there: its folder is shared by the ranks of a node, and a rank
-    that finds the download lock free downloads again into it, truncating the files another rank is reading
-    (restores from s3:// failed with "PytorchStreamReader failed reading file" on two ranks per node)."""
-    import pyarrow.fs as pafs
-
-    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-        yield checkpoint.path
-        return
-    tmp = tempfile.mkdtemp(prefix=f"revq_restore_r{rank}_")
-    try:
-        yield checkpoint.to_directory(tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _restore(engine: Any, rank: int, world: int) -> ckpt.TrainerState:
-    import ray.train
-
-    restored = ray.train.get_checkpoint()
-    if restored is None:
-        return ckpt.TrainerState(world_size=world)
-    with _local_checkpoint_dir(restored, rank) as d:
-        state = ckpt.load(engine, d, rank, world)
-    if rank == 0:
-        _log(
-            f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} "
-            f"(+{state.step_in_epoch} steps)"
-        )
-    return state
-
-
 def _write_run_files(run: Run, config: dict[str, Any]) -> None:
     """Rank 0: workers.json (where every rank runs), config.json, and the start line."""
     import ray
@@ -263,7 +226,11 @@ def setup(config: dict[str, Any]) -> Run:
     device = _device(cfg)
     coll = Collectives(device)
     t0 = time.perf_counter()
-    resuming = ray.train.get_checkpoint() is not None
+    checkpointer = ckpt.Checkpointer(
+        rank, world, coll.gather_objects, storage=plan.storage_path, name=plan.name, run_dir=plan.run_dir,
+        keep=cfg.train.keep_checkpoints,
+    )  # fmt: skip
+    resuming = checkpointer.resuming
     # Every rank gets the same sample from the object store and initializes identically (deterministic);
     # DeepSpeed's initial broadcast of rank 0's parameters then changes nothing.
     init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
@@ -272,7 +239,7 @@ def setup(config: dict[str, Any]) -> Run:
     engine, group_names = eng.build_engine(model, cfg.train, world)
     if rank == 0:
         _log(f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s")
-    state = _restore(engine, rank, world)
+    state = checkpointer.restore(engine)
     reset_cfg = cfg.model.quantizer.reset
     schedule = Schedule(
         cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
@@ -288,9 +255,9 @@ def setup(config: dict[str, Any]) -> Run:
     )  # fmt: skip
     run = Run(
         cfg=cfg, plan=plan, rank=rank, world=world, device=device, coll=coll, engine=engine,
-        group_names=group_names, state=state, schedule=schedule, reporter=reporter,
+        group_names=group_names, state=state, schedule=schedule, reporter=reporter, checkpointer=checkpointer,
         batches=endless_batches(ray.train.get_dataset_shard("train"), plan.micro_batch, cfg, device),
-        val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None, last_ckpt_step=state.step,
+        val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None,
     )  # fmt: skip
     _write_run_files(run, config)
     return run
@@ -410,24 +377,6 @@ def _val_metrics(run: Run, due: Due, means: dict[str, float]) -> tuple[dict[str,
     return out, improved
 
 
-def _checkpoint(run: Run) -> tuple[Any, str | None]:
-    """Collective: every rank saves its DeepSpeed part to a temporary directory -> (Checkpoint, tmp dir).
-    Refuses non-finite weights (nothing non-finite is ever saved or exported)."""
-    from ray.train import Checkpoint
-
-    bad = guards.nonfinite_params(run.module)
-    if bad:
-        raise guards.NonFiniteError(
-            f"non-finite parameters at step {run.state.step} ({', '.join(bad[:5])}): training stopped before "
-            "checkpointing or exporting them",
-            run.state.step,
-        )
-    tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{run.rank}_")
-    ckpt.save(run.engine, run.state, tmp, run.rank, run.world)
-    run.last_ckpt_step = run.state.step
-    return Checkpoint.from_directory(tmp), tmp
-
-
 def after_step(run: Run, due: Due) -> None:
     """Everything a due step asks for, in order: usage + reset, validation, report, checkpoint, exports."""
     gen = torch.Generator().manual_seed(seed_for(run.cfg, 2, run.state.step))
@@ -447,18 +396,15 @@ def after_step(run: Run, due: Due) -> None:
         run.state, means, lr=run.lr, lr_rectifier=groups[1]["lr"] if len(groups) > 1 else None,
         **{f"grad_norm_{k}": float(v) for k, v in run.norms.items()}, **_usage_metrics(usage), **val,
     )  # fmt: skip
-    checkpoint, tmp = _checkpoint(run) if due.ckpt and run.state.step > run.last_ckpt_step else (None, None)
-    exports = (("latest",) if checkpoint is not None else ()) + (("best",) if improved else ())
-    try:
-        run.reporter.publish(
-            metrics, due_ray=ray_wants or due.val or due.last, checkpoint=checkpoint, exports=exports,
-            module=run.module,
-        )  # fmt: skip
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if checkpoint is not None or exports:
-        sync_run_dir(run)
+    saving = due.ckpt and run.checkpointer.due(run.state.step)
+    # every save, export and the checkpoint's commit: train/checkpoint.py (Checkpointer)
+    with run.checkpointer.save(run.state) if saving else contextlib.nullcontext() as checkpoint:
+        run.checkpointer.export((("latest",) if saving else ()) + (("best",) if improved else ()))
+        run.reporter.publish(metrics, due_ray=ray_wants or due.val or due.last, checkpoint=checkpoint)
+    if saving:
+        run.checkpointer.commit(run.state.step)
+    if saving or improved:
+        sync_run_dir(run)  # a URI output_dir: logs and exports mirrored beside the checkpoints
     _maybe_fail_for_test(run)
 
 
@@ -496,11 +442,11 @@ def finish(run: Run) -> None:
     run.reporter.close()
     sync_run_dir(run)
     if run.rank == 0:
-        made = [p.name for p in sorted((run_dir / "export").glob("*")) if (p / "model.safetensors").is_file()]
         where = run.plan.run_uri or str(run_dir)
+        made = [e.replace(str(run_dir), where, 1) for e in run.checkpointer.exports()]
         _log(
             f"done: {run.state.step} steps, best val_mse {run.state.best_val_mse}; exports "
-            f"{', '.join(where + '/export/' + m for m in made) or 'none'}"
+            f"{', '.join(made) or 'none'}"
         )
 
 

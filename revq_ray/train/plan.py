@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from revq_ray.config import ConfigError, RunConfig
+from revq_ray.config import SYNTHETIC, ConfigError, RunConfig
 from revq_ray.core.layout import TokenLayout
 from revq_ray.data.fs import cache_dir
 from revq_ray.runtime import absolute, get_logger, is_uri, join_location
@@ -54,11 +54,21 @@ class RunPlan:
     files) beside Ray Train's checkpoints; None for a local storage folder (``run_dir`` is then inside it)."""
 
 
+def synthetic_location(cfg: RunConfig) -> str:
+    """Where ``data.shards: synthetic`` writes its latents: ``<output_dir>/synthetic/<n>x<shape>-seed<s>``.
+
+    The name carries every setting the latents depend on, so runs that ask for the same synthetic data share
+    one copy and runs that ask for other data never read it."""
+    tc = cfg.train
+    spec = f"{tc.synthetic_items}x{'x'.join(str(s) for s in tc.synthetic_latent_shape)}-seed{cfg.seed}"
+    return join_location(absolute(cfg.output_dir), "synthetic", spec)
+
+
 def resolve_paths(cfg: RunConfig) -> RunConfig:
-    """A copy of ``cfg`` with local paths made absolute."""
-    data = cfg.data.model_copy(
-        update={"shards": absolute(cfg.data.shards), "val_shards": absolute(cfg.data.val_shards)}
-    )
+    """A copy of ``cfg`` with local paths made absolute and ``data.shards: synthetic`` replaced by the folder
+    it names (:func:`synthetic_location`)."""
+    shards = synthetic_location(cfg) if cfg.data.shards == SYNTHETIC else absolute(cfg.data.shards)
+    data = cfg.data.model_copy(update={"shards": shards, "val_shards": absolute(cfg.data.val_shards)})
     return cfg.model_copy(update={"data": data, "output_dir": absolute(cfg.output_dir)})
 
 
@@ -75,21 +85,34 @@ def check_storage(cfg: RunConfig) -> None:
 
 
 def ensure_shards(cfg: RunConfig) -> None:
-    """Write synthetic shards where ``data.shards`` points if it holds none and ``train.synthetic_items`` > 0
-    (the debug preset does this, so it runs anywhere with no data)."""
+    """Check that ``data.shards`` holds a finished latent-shard directory, before Ray starts anything.
+
+    Synthetic latents are written only when the config asks for them by name (``data.shards: synthetic``,
+    as the debug preset does, resolved by :func:`resolve_paths`): a mistyped path is an error naming it, never
+    a "successful" run on random numbers."""
+    from revq_ray.data import fs as _fs
+
     shards = cfg.data.shards
-    if not shards or is_uri(shards) or (Path(shards) / "manifest.json").is_file():
+    if not shards:
+        raise ConfigError(
+            "data.shards is empty: point it at a directory written by `python -m revq_ray.encode`, or set "
+            "data.shards: synthetic for a run on synthetic latents"
+        )
+    fs, root = _fs.resolve(shards)
+    if _fs.is_file(fs, _fs.join(root, "manifest.json")):
         return
-    n = cfg.train.synthetic_items
-    if n <= 0:
-        return
+    if shards != synthetic_location(cfg):
+        raise FileNotFoundError(
+            f"data.shards={shards}: no manifest.json there, so it is not a latent-shard directory (a typo, "
+            "or an encode that has not finished). Write one with `python -m revq_ray.encode --input MEDIA "
+            f"--vae SPEC --output {shards}`, or set data.shards: synthetic for a run on synthetic latents"
+        )
     from revq_ray.data.synthetic import write_synthetic_shards
 
-    shape = cfg.train.synthetic_latent_shape
+    n, shape = cfg.train.synthetic_items, cfg.train.synthetic_latent_shape
     _log(
-        f"data.shards={shards} holds no manifest.json: writing {n} synthetic latents of shape {shape} there "
-        "(train.synthetic_items > 0; point data.shards at real latents from `python -m revq_ray.encode` "
-        "instead)"
+        f"data.shards: synthetic -> writing {n} synthetic latents of shape {shape} to {shards} (random "
+        "numbers for smoke tests; point data.shards at real latents from `python -m revq_ray.encode`)"
     )
     write_synthetic_shards(shards, n, shape, with_logvar=True, seed=cfg.seed)
 
@@ -164,10 +187,10 @@ def _val_dataset(cfg: RunConfig, val_ds: Any) -> tuple[Any, int]:
 
 
 def _has_checkpoint(storage: str, name: str) -> bool:
-    """Whether Ray Train will restore this run (a local run directory holding a checkpoint)."""
-    if is_uri(storage):
-        return False  # cannot tell cheaply: sample anyway (a few seconds)
-    return any(Path(storage, name).glob("checkpoint_*"))
+    """Whether the workers will resume this run: it has a complete, intact checkpoint in storage."""
+    from revq_ray.train.checkpoint import has_usable
+
+    return has_usable(storage, name)
 
 
 def init_sample_size(cfg: RunConfig) -> int:
@@ -184,7 +207,7 @@ def measure_channel_weights(cfg: RunConfig, manifest: Any) -> list[float]:
     from revq_ray.core.sensitivity import decoder_channel_weights
     from revq_ray.core.stats import RunningStats
     from revq_ray.data.reader import sample_init_tokens_bounded
-    from revq_ray.tokenizer import load_vae_for
+    from revq_ray.vae import load_vae_for
 
     t0 = time.time()
     errors = []

@@ -16,14 +16,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from revq_ray.config import (
+    SYNTHETIC,
     ConfigError,
     RunConfig,
     Section,
     apply_overrides,
     load_yaml,
     parse_config,
+    path_safe_name,
 )
-from revq_ray.runtime import get_dotted, is_uri, set_dotted
+from revq_ray.runtime import get_dotted, set_dotted
 
 TOKENS_KEY = "model.quantizer.tokens"
 CODEBOOK_KEY = "model.quantizer.codebook_size"
@@ -152,9 +154,7 @@ class TuneConfig(Section):
     @field_validator("name")
     @classmethod
     def _name_is_path_safe(cls, v: str) -> str:
-        if "/" in v or v in {".", ".."}:
-            raise ValueError(f"name={v!r} is used as a directory name: use letters, digits, '-', '_' or '.'")
-        return v
+        return path_safe_name(v)
 
     @model_validator(mode="after")
     def _objectives(self) -> TuneConfig:
@@ -238,19 +238,19 @@ def resolve_base_path(tcfg: TuneConfig, config_path: str | os.PathLike | None = 
 
 def latent_numel(tcfg: TuneConfig, base: RunConfig) -> int | None:
     """C*H*W of the latents: the preset's ``latent_shape``, else the base's manifest, else the synthetic
-    latents the train driver writes when the base asks for them (``train.synthetic_items``); None if none."""
+    latents the train driver writes when the base asks for them (``data.shards: synthetic``); None if none."""
     if tcfg.latent_shape:
         return math.prod(tcfg.latent_shape)
     if not base.data.shards:
         return None
+    if base.data.shards == SYNTHETIC:
+        return math.prod(base.train.synthetic_latent_shape)
     from revq_ray.data.shards import read_manifest
 
     try:
         return math.prod(read_manifest(base.data.shards).latent_shape)
     except (FileNotFoundError, OSError, ValueError):
         pass
-    if base.train.synthetic_items > 0 and not is_uri(base.data.shards):
-        return math.prod(base.train.synthetic_latent_shape)
     return None
 
 

@@ -55,7 +55,7 @@ def sweep_dir_of(tcfg: TuneConfig) -> str:
 def _prepare_base(tcfg: TuneConfig) -> dict[str, Any]:
     """The base training config as a dict, its synthetic shards written once (not by trials racing), and
     the space checked against the latent size; raises :class:`ConfigError` when the size is unknown."""
-    from revq_ray.train.driver import ensure_shards, resolve_paths
+    from revq_ray.train.plan import ensure_shards, resolve_paths
 
     base_data = apply_overrides(load_yaml(tcfg.base), tcfg.overrides)
     base = parse_config(base_data, RunConfig)

@@ -17,6 +17,8 @@ Heavy modules (diffusers, torchaudio) are imported only when a spec needs them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from revq_ray.vae.base import FrozenVAE, Posterior
@@ -26,7 +28,7 @@ SPEC_FORMS = (
     "*decoder*.pth), builtin:<dir> (a VAE trained with `python -m revq_ray.vae`)"
 )
 
-__all__ = ["FrozenVAE", "Posterior", "load_vae", "parse_spec", "SPEC_FORMS"]
+__all__ = ["FrozenVAE", "Posterior", "load_vae", "load_vae_for", "parse_spec", "SPEC_FORMS"]
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -77,4 +79,27 @@ def load_vae(
         vae = BuiltinVAE(target, device, image_size=image_size, audio_samples=audio_samples)
     # Normalize the spec to what the user wrote (adapters may have expanded a path).
     vae.spec = f"{kind}:{target}"
+    return vae
+
+
+def load_vae_for(
+    spec: str, latent_shape: Sequence[int], device: str | torch.device = "cpu", image_size: int | None = None
+) -> FrozenVAE:
+    """Load a VAE whose latents have ``latent_shape``.
+
+    Image VAEs are convolutional: their latent size depends on the input size. Without an explicit
+    ``image_size`` the VAE is loaded at its default size first, and if its latents do not match the model's,
+    reloaded at ``latent side * downsampling factor`` (e.g. 8x8 latents of an f8 VAE -> 64x64 images).
+    """
+    vae = load_vae(spec, device=str(device), image_size=image_size)
+    want = tuple(int(s) for s in latent_shape)
+    if (
+        image_size is None
+        and getattr(vae, "modality", "image") == "image"
+        and tuple(vae.latent_shape) != want
+        and len(want) == 3
+        and vae.latent_shape[-1]
+    ):
+        factor = int(vae.input_shape[-1]) // int(vae.latent_shape[-1])
+        vae = load_vae(spec, device=str(device), image_size=want[-1] * factor)
     return vae

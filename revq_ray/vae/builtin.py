@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from revq_ray.core.files import follow_umask
 from revq_ray.vae._adapter import FrozenAdapter
 from revq_ray.vae.audio import MelFrontEnd
 from revq_ray.vae.base import Posterior
@@ -88,6 +89,7 @@ class _GaussianVAE(nn.Module):
         super()._save_pretrained(save_directory)  # model.safetensors (config.json is written by the mixin)
         info = {"class": type(self).__name__, "modality": self.modality, "format": 1}
         (Path(save_directory) / BUILTIN_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        follow_umask(save_directory)  # safetensors writes 0600 whatever the umask says
 
 
 class ImageConvVAE(

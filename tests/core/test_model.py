@@ -378,3 +378,24 @@ def test_constructor_accepts_model_config_and_saves_full_config(tmp_path):
         saved = json.loads((d / "config.json").read_text())
         # every field, defaults included; not init_from (how a run started, not part of the model)
         assert saved["model"] == m.cfg.model_dump(mode="json", exclude={"init_from"})
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_exports_follow_the_umask(tmp_path, umask):
+    """Issue 25.6: an export (folder, model.safetensors, config.json) gets the modes a plain open()/mkdir()
+    would give under the user's umask; safetensors alone writes 0600 and mkdtemp 0700."""
+    from revq_ray.train.checkpoint import export_pretrained
+    from revq_ray.vae.builtin import ImageConvVAE
+
+    model = ReVQModel([4, 2, 2], {"quantizer": {"type": "vq", "tokens": 4, "codebook_size": 16}})
+    old = os.umask(umask)
+    try:
+        out = export_pretrained(model, tmp_path / "run" / "export" / "latest")
+        ImageConvVAE(image_size=16, width=8, latent_channels=4).save_pretrained(tmp_path / "vae")
+    finally:
+        os.umask(old)
+    for p in [out, tmp_path / "vae"]:
+        assert p.stat().st_mode & 0o777 == 0o777 & ~umask, p
+        for f in p.iterdir():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert {f.name for f in out.iterdir()} >= {"model.safetensors", "config.json"}

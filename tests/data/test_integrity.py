@@ -81,19 +81,40 @@ def test_damaged_shard_of_the_same_size_is_skipped_whole_by_eval(tmp_path):
 def test_synthetic_data_never_overwrites_existing_files(tmp_path):
     from revq_ray.config import load_config
     from revq_ray.data.synthetic import write_synthetic_shards
-    from revq_ray.train.plan import ensure_shards
+    from revq_ray.train.plan import ensure_shards, resolve_paths
 
-    real = tmp_path / "shards"
+    cfg = resolve_paths(load_config(ROOT / "configs" / "debug.yaml", [f"output_dir={tmp_path}"]))
+    real = Path(cfg.data.shards)  # where data.shards: synthetic writes
     _write(real)
     (real / "manifest.json").unlink()  # an interrupted encode: shards, no manifest yet
     before = (real / "shard-000000.tar").read_bytes()
-    cfg = load_config(ROOT / "configs" / "debug.yaml", [f"data.shards={real}"])
     with pytest.raises(ValueError, match=r"not empty \(shard-000000.tar.*missing or empty directory"):
         ensure_shards(cfg)
     assert (real / "shard-000000.tar").read_bytes() == before and not (real / "manifest.json").exists()
     write_synthetic_shards(tmp_path / "fresh", 8, (4, 2, 2))  # a missing directory is fine
     (tmp_path / "empty").mkdir()
     write_synthetic_shards(tmp_path / "empty", 8, (4, 2, 2))  # so is an empty one
+
+
+def test_a_mistyped_shards_path_is_an_error_never_synthetic_data(tmp_path):
+    """Issue 25.4: a preset copied from the debug one, with data.shards pointing at a typo, stops naming the
+    path; nothing is written there or anywhere under output_dir."""
+    from revq_ray.config import load_config
+    from revq_ray.train.plan import ensure_shards, resolve_paths
+
+    typo = tmp_path / "latnets"
+    cfg = load_config(ROOT / "configs" / "debug.yaml", [f"data.shards={typo}", f"output_dir={tmp_path}/runs"])
+    with pytest.raises(FileNotFoundError, match=rf"data.shards={typo}: no manifest.json.*data.shards: synth"):
+        ensure_shards(resolve_paths(cfg))
+    assert not typo.exists() and not (tmp_path / "runs").exists()
+    # Asked for by name, synthetic latents are written once under output_dir and then reused.
+    synth = resolve_paths(load_config(ROOT / "configs" / "debug.yaml", [f"output_dir={tmp_path}/runs"]))
+    ensure_shards(synth)
+    manifest = Path(synth.data.shards) / "manifest.json"
+    assert manifest.is_file() and Path(synth.data.shards).parent == tmp_path / "runs" / "synthetic"
+    mtime = manifest.stat().st_mtime_ns
+    ensure_shards(synth)
+    assert manifest.stat().st_mtime_ns == mtime
 
 
 def _idx_bytes(n_header: int, images: np.ndarray) -> bytes:

@@ -131,3 +131,26 @@ def test_gq_tokenizer_uses_the_posterior(tiny_assets, tmp_path):
     post = tok.vae.posterior(tok.preprocess(images))
     assert torch.equal(ids, model.encode(post.mean, post.logvar))
     assert tok.decode(ids).shape == (8, 3, 16, 16)
+
+
+def test_tokenize_follows_encodes_skip_limit(tiny_assets, tmp_path):
+    """Issue 25.5: `tokenize` fails (exit 1) above --max-skip-fraction of unreadable files, as `encode` does;
+    the manifest is written either way and lists each skipped file."""
+    from PIL import Image
+
+    from revq_ray.cli import main as cli
+    from revq_ray.tokenize import read_tokens
+
+    src = tmp_path / "images"
+    src.mkdir()
+    for i, img in enumerate(tiny_assets["images"][:8]):
+        Image.fromarray(img).save(src / f"ok{i}.png")
+    for i in range(4):  # 4 of 12 unreadable (33%)
+        (src / f"bad{i}.png").write_bytes(b"not a png")
+    argv = ["--model", str(tiny_assets["model_dir"]), "--vae", tiny_assets["vae_spec"], "--input", str(src)]
+    assert cli(["tokenize", *argv, "--output", str(tmp_path / "t1"), "--ray", "never"]) == 1
+    manifest, _ = read_tokens(tmp_path / "t1")
+    assert manifest["count"] == 8 and len(manifest["skipped"]) == 4
+    # The flag raises the limit; 4 of 12 is then accepted.
+    argv += ["--output", str(tmp_path / "t2"), "--ray", "never", "--max-skip-fraction", "0.5"]
+    assert cli(["tokenize", *argv]) == 0

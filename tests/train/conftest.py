@@ -75,7 +75,6 @@ def make_cfg(shards: Path, out: Path, name: str, **overrides: Any):
         "model.rectifier.head_dim": 16,
         "train.batch_size": 32,
         "train.log_every": 1,
-        "train.synthetic_items": 0,
         "train.cpus_per_worker": 0.5,
         "train.max_failures": 0,  # a bug should fail the test, not retry it
     }

@@ -2,7 +2,8 @@
 
 - 4 trials, 2 at a time, ASHA stops at least one early (read back from results.csv);
 - results.csv / best.yaml / sweep.png are written, and best.yaml trains with `revq_ray.train` as is;
-- a sweep killed (SIGKILL, whole process group) after some trials finished resumes without re-running them.
+- a sweep killed (SIGKILL, whole process group) while a trial trains, after another finished, resumes: the
+  finished trial is kept (not re-run), the interrupted one is continued, results.csv lists each trial once.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(shards, tmp_path
     assert not rerun, f"finished trials ran again after resume: {rerun}"
     rows = _read_rows(tmp_path / "resume" / "results.csv")
     assert len(rows) == 2 and {r["trial_id"] for r in rows} >= finished_before, rows
+    assert len({r["trial_id"] for r in rows}) == len(rows), rows  # each trial once (issue 25.8)
     assert all(r["status"] != "error" for r in rows), rows
     completed_after = {e["trial_id"] for e in after if e["event"] == "complete"}
     assert completed_after and not (completed_after & finished_before)

@@ -61,6 +61,14 @@ class Quantizer(nn.Module):
         super().__init__()
         self.reduce_fn = reduce_fn
 
+    def _set_sizes(self, tokens: int, dim: int, codebook_size: int) -> None:
+        """Check and set T (tokens), d (dim) and K (codebook_size): every subclass calls this once."""
+        if min(tokens, dim) < 1 or codebook_size < 2:
+            raise ValueError(
+                f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}"
+            )
+        self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
+
     def forward(self, tokens_btd: torch.Tensor) -> QuantOut:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -77,11 +77,7 @@ class GaussianQuant(CountsMixin, Quantizer):
         reduce_fn: ReduceFn = no_reduce,
     ):
         super().__init__(reduce_fn)
-        if min(tokens, dim) < 1 or codebook_size < 2:
-            raise ValueError(
-                f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}"
-            )
-        self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
+        self._set_sizes(tokens, dim, codebook_size)
         self.beta, self.seed = beta, seed
         self.logvar_range = (float(logvar_range[0]), float(logvar_range[1]))
         self.search_budget_mb = search_budget_mb

@@ -207,11 +207,7 @@ class GroupedVQ(CountsMixin, Quantizer):
             raise ValueError(f"model.quantizer.loss={loss!r}: expected 'decoupled' or 'joint'")
         if init not in ("sample", "kmeans++", "random"):
             raise ValueError(f"model.quantizer.init={init!r}: expected 'sample', 'kmeans++' or 'random'")
-        if min(tokens, dim) < 1 or codebook_size < 2:
-            raise ValueError(
-                f"need tokens >= 1, dim >= 1, codebook_size >= 2; got {tokens}, {dim}, {codebook_size}"
-            )
-        self.tokens, self.dim, self.codebook_size = tokens, dim, codebook_size
+        self._set_sizes(tokens, dim, codebook_size)
         self.loss, self.beta, self.init, self.kmeans_iters = loss, beta, init, kmeans_iters
         self.reset_cfg = reset_cfg if reset_cfg is not None else ResetParams()
         self.search_budget_mb = search_budget_mb
