@@ -38,6 +38,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from collections.abc import Iterator
