@@ -75,10 +75,21 @@ def consolidate_counts(module: torch.nn.Module, rank: int, world_size: int) -> N
         counts.zero_()
 
 
-def save(engine: Any, state: TrainerState, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> None:
-    """Collective: every rank writes its DeepSpeed part into ``ckpt_dir``; rank 0 adds the trainer state."""
+def save(
+    engine: Any,
+    state: TrainerState,
+    ckpt_dir: str | os.PathLike,
+    rank: int,
+    world_size: int,
+    rows: Any = None,
+) -> None:
+    """Collective: every rank writes its DeepSpeed part into ``ckpt_dir``; rank 0 adds the trainer state and
+    (``train.codebook_update`` rows*) the codebook's own optimizer state (replicated: rank 0's copy is
+    all)."""
     consolidate_counts(engine.module, rank, world_size)
     engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, save_latest=False)
+    if rows is not None:
+        rows.save(ckpt_dir, rank)
     if rank == 0:
         Path(ckpt_dir, STATE_FILE).write_text(state.to_json())
 
@@ -125,11 +136,14 @@ def weights_only_loads(engine: Any) -> Iterator[None]:
         del ce.load
 
 
-def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> TrainerState:
+def load(
+    engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int, rows: Any = None
+) -> TrainerState:
     """Collective: restore module, optimizer and trainer state from a (merged) checkpoint directory.
 
     With a different world size than at save time, ZeRO optimizer shards do not fit: the module is loaded
-    and the optimizer starts fresh (said loudly)."""
+    and DeepSpeed's optimizer starts fresh (said loudly). The codebook's own optimizer (``rows``) is
+    replicated, so it is restored whatever the world size, when the checkpoint holds one of its mode."""
     state = TrainerState.from_json(Path(ckpt_dir, STATE_FILE).read_text())
     same_world = state.world_size == world_size
     if not same_world and rank == 0:
@@ -151,6 +165,14 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
         )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir}/{DS_TAG}")
+    if rows is not None and not rows.load(ckpt_dir) and rank == 0:
+        from revq_ray.runtime import get_logger
+
+        get_logger("revq_ray.train").warning(
+            "checkpoint holds no codebook optimizer state for train.codebook_update=%s: its moments start "
+            "from zero",
+            rows.mode,
+        )
     counts = _counts_buffer(engine.module)
     if counts is not None and rank != 0:
         counts.zero_()

@@ -107,10 +107,13 @@ class Run:
     reporter: Reporter
     batches: Iterator[dict[str, torch.Tensor]]
     val_shard: Any = None
+    rows: Any = None  # the codebook's own row exchange + optimizer (train.codebook_update rows*), else None
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     lr: float = 0.0
+    lrs: dict[str, float] = field(default_factory=dict)
     last_val: tuple[float, float] | None = None
     last_ckpt_step: int = 0
+    reporter_last_comm_step: int = 0
 
     @property
     def module(self) -> Any:
@@ -192,14 +195,14 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
-def _restore(engine: Any, rank: int, world: int) -> ckpt.TrainerState:
+def _restore(engine: Any, rank: int, world: int, rows: Any = None) -> ckpt.TrainerState:
     import ray.train
 
     restored = ray.train.get_checkpoint()
     if restored is None:
         return ckpt.TrainerState(world_size=world)
     with restored.as_directory() as d:
-        state = ckpt.load(engine, d, rank, world)
+        state = ckpt.load(engine, d, rank, world, rows)
     if rank == 0:
         _log(
             f"resumed from {restored.path}: step {state.step}, epoch {state.epoch} "
@@ -250,10 +253,13 @@ def setup(config: dict[str, Any]) -> Run:
     init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
     model = build_model(cfg, plan, init, device, fresh=not resuming)
     model.set_reduce_fn(coll.sum_)
-    engine, group_names = eng.build_engine(model, cfg.train, world)
+    engine, group_names, rows = eng.build_engine(model, cfg.train, world)
     if rank == 0:
-        _log(f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s")
-    state = _restore(engine, rank, world)
+        _log(
+            f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s; "
+            f"codebook update {rows.mode if rows is not None else 'dense'}"
+        )
+    state = _restore(engine, rank, world, rows)
     reset_cfg = cfg.model.quantizer.reset
     schedule = Schedule(
         cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
@@ -269,6 +275,7 @@ def setup(config: dict[str, Any]) -> Run:
         group_names=group_names, state=state, schedule=schedule, reporter=reporter,
         batches=endless_batches(ray.train.get_dataset_shard("train"), plan.micro_batch, cfg, device),
         val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None, last_ckpt_step=state.step,
+        rows=rows, reporter_last_comm_step=state.step,
     )  # fmt: skip
     _write_run_files(run, config)
     return run
@@ -276,15 +283,18 @@ def setup(config: dict[str, Any]) -> Run:
 
 # --------------------------------------------------------------------------------------------- step
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
-    """One optimizer step: lr, forward, backward, per-module clip, step. No host sync."""
-    engine, tc = run.engine, run.cfg.train
+    """One optimizer step: lr, forward, backward (DeepSpeed's all-reduce; the codebook's row exchange),
+    per-module clip, step. No host sync on the dense path (the row exchange reads the row counts)."""
+    engine, tc, rows = run.engine, run.cfg.train, run.rows
     latents = batch["latent"].to(run.device, non_blocking=True)
     logvar = batch["logvar"].to(run.device, non_blocking=True) if "logvar" in batch else None
-    run.lr = eng.set_lr(engine.optimizer, run.state.step, run.plan.total_steps, tc.final_lr_fraction)
+    run.lrs = eng.set_lrs(engine, run.group_names, rows, run.state.step, run.plan.total_steps,
+                          tc.final_lr_fraction)  # fmt: skip
+    run.lr = run.lrs.get("codebook", next(iter(run.lrs.values()), 0.0))
     out = engine(latents, logvar)
-    engine.backward(out.loss)
-    run.norms = eng.clip_grad_norms_(engine, run.group_names, tc.grad_clip)
-    engine.step()
+    eng.backward(engine, out.loss, rows)
+    run.norms = eng.clip(engine, run.group_names, rows, tc.grad_clip)
+    eng.step(engine, rows)
     run.reporter.add(run.state.step + 1, out.losses, out.loss)
 
 
@@ -338,6 +348,24 @@ def _usage_metrics(usage: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     }
 
 
+def _comm_metrics(run: Run) -> dict[str, Any]:
+    """Bytes this rank handed to gradient collectives per step: DeepSpeed's dense all-reduce (the gradient
+    buffers it reduces: every parameter it trains) plus the codebook's row all-gathers (measured, averaged
+    over the steps since the last report)."""
+    from revq_ray.train.codebook import dense_grad_bytes
+
+    dense = dense_grad_bytes([p for g in eng._group_params(run.engine) for p in g]) if run.world > 1 else 0
+    out: dict[str, Any] = {"comm_dense_bytes": dense}
+    if run.rows is not None:
+        got = run.rows.comm_bytes()
+        steps = max(run.state.step - run.reporter_last_comm_step, 1)
+        out["comm_rows_bytes"] = got["sent"] / steps
+        out["comm_rows_received_bytes"] = got["received"] / steps
+        out["rows_touched"] = run.rows.rows_touched
+    run.reporter_last_comm_step = run.state.step
+    return out
+
+
 def _val_metrics(run: Run, due: Due, means: dict[str, float]) -> tuple[dict[str, Any], bool]:
     """Validation entries of the metrics and whether ``val_mse`` improved on the best so far."""
     out: dict[str, Any] = {}
@@ -369,7 +397,7 @@ def _checkpoint(run: Run) -> tuple[Any, str | None]:
             run.state.step,
         )
     tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{run.rank}_")
-    ckpt.save(run.engine, run.state, tmp, run.rank, run.world)
+    ckpt.save(run.engine, run.state, tmp, run.rank, run.world, run.rows)
     run.last_ckpt_step = run.state.step
     return Checkpoint.from_directory(tmp), tmp
 
@@ -379,7 +407,7 @@ def after_step(run: Run, due: Due) -> None:
     gen = torch.Generator().manual_seed(seed_for(run.cfg, 2, run.state.step))
     usage, report = usage_and_reset(run.module.quantizer, due, gen)
     if report is not None:
-        eng.apply_reset_to_optimizer(run.engine, report)
+        eng.apply_reset_to_optimizer(run.engine, report, run.rows)
         run.reporter.reset_codes += report.count
         run.state.resets += 1
     if due.val and run.val_shard is not None:
@@ -388,10 +416,10 @@ def after_step(run: Run, due: Due) -> None:
         return
     means, ray_wants = run.reporter.close_window(run.state.step)
     val, improved = _val_metrics(run, due, means)
-    groups = run.engine.optimizer.param_groups
     metrics = run.reporter.metrics(
-        run.state, means, lr=run.lr, lr_rectifier=groups[1]["lr"] if len(groups) > 1 else None,
+        run.state, means, lr=run.lr, lr_rectifier=run.lrs.get("rectifier") if "codebook" in run.lrs else None,
         **{f"grad_norm_{k}": float(v) for k, v in run.norms.items()}, **_usage_metrics(usage), **val,
+        **_comm_metrics(run),
     )  # fmt: skip
     checkpoint, tmp = _checkpoint(run) if due.ckpt and run.state.step > run.last_ckpt_step else (None, None)
     exports = (("latest",) if checkpoint is not None else ()) + (("best",) if improved else ())
