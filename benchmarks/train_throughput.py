@@ -217,11 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         "rows all-gather MB/step |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    def f2(v) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
     for r in rows:
         print(
             f"| {r['workers']} | {r['mode']} | {r['plain']['samples_per_s']:.1f} | "
-            f"{r['ray']['samples_per_s']:.1f} | {r['ratio']:.2f} | {r['gain_vs_1_worker']:.2f} | "
-            f"{r['plain_gain_vs_1_thread']:.2f} | {r['gain_over_plain_gain']:.2f} | "
+            f"{r['ray']['samples_per_s']:.1f} | {r['ratio']:.2f} | {f2(r['gain_vs_1_worker'])} | "
+            f"{f2(r['plain_gain_vs_1_thread'])} | {f2(r['gain_over_plain_gain'])} | "
             f"{r['ray']['comm_dense_bytes'] / 1e6:.2f} | {r['ray']['comm_rows_bytes'] / 1e6:.2f} |"
         )
     out = Path(args.out)
