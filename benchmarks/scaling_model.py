@@ -174,6 +174,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['comm_ms']:.1f} | "
             f"{r['compute_ms'] + r['comm_ms']:.1f} | {r['samples_per_s']:,.0f} | {r['speedup_vs_1']:.1f} |"
         )
+    # The all-gather grows with the number of ranks, the all-reduce does not: past this many GPUs the row
+    # exchange moves more bytes than the dense all-reduce (worst case: no row shared between ranks).
+    from revq_ray.train.codebook import published_bytes
+
+    crossover = {}
+    for name, shape in SHAPES.items():
+        b = published_bytes(shape["G"], shape["K"], shape["d"], shape["batch_per_gpu"], 0, 1)
+        crossover[name] = round(1 + 2 * b["dense_codebook"] / b["rows_sent"])
+        print(f"{name}: the row all-gather moves more than the dense all-reduce beyond ~{crossover[name]} GPUs")
     check = measured_check()
     if check:
         print("\nCPU-scale check (bytes per step and rank handed to the collectives, measured vs formula):")

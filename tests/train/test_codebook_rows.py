@@ -9,6 +9,7 @@ every codebook path, resets included:
 * ``rows_lazy`` differs from AdamW by design (rows without gradient keep their moments and do not move), so
   it is compared like with like: after one step (zero moments everywhere) it equals ``dense``, and its
   rectifier (still DeepSpeed's AdamW) follows the same math;
+* ``rows`` under ZeRO 2 (DeepSpeed partitions the rectifier; the codebook keeps its exchange) equals it too;
 * a ``rows_lazy`` run checkpointed after 3 steps and resumed into a fresh engine ends where the
   uninterrupted run ends, codebook optimizer state included;
 * both ranks hold bit-identical parameters, and the row exchange hands the collectives far fewer bytes than
@@ -47,7 +48,7 @@ def _model():
 
 
 def _train(mode: str, batches: list[torch.Tensor], world: int, steps: range, ckpt_dir: str | None = None,
-           resume_from: str | None = None) -> dict:  # fmt: skip
+           resume_from: str | None = None, zero: int = 0) -> dict:  # fmt: skip
     """Train ``steps`` of ``batches`` on this rank with ``codebook_update=mode``; optional save / restore."""
     import torch.distributed as dist
 
@@ -61,7 +62,14 @@ def _train(mode: str, batches: list[torch.Tensor], world: int, steps: range, ckp
         return t
 
     model.set_reduce_fn(reduce_fn)
-    t = TrainConfig(batch_size=8 * world, num_workers=world, lr=0.05, grad_clip=0.05, codebook_update=mode)
+    t = TrainConfig(
+        batch_size=8 * world,
+        num_workers=world,
+        lr=0.05,
+        grad_clip=0.05,
+        codebook_update=mode,
+        zero_stage=zero,
+    )
     engine, names, rows = eng.build_engine(model, t, world)
     assert (rows is None) == (mode == "dense")
     if resume_from is not None:
@@ -109,6 +117,8 @@ def _loop(config: dict) -> None:
     g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
     batches = [torch.randn(8, *LATENT, generator=g) * 2 for _ in range(STEPS)]
     res = {mode: _train(mode, batches, world, range(STEPS)) for mode in ("dense", "rows", "rows_lazy")}
+    # ZeRO 2 partitions what DeepSpeed holds (the rectifier only, here); the codebook stays on its exchange
+    res["rows_zero2"] = _train("rows", batches, world, range(STEPS), zero=2)
     ck = str(Path(config["out"]) / "ckpt")
     _train("rows_lazy", batches, world, range(3), ckpt_dir=ck)
     res["resumed"] = _train("rows_lazy", batches, world, range(3, STEPS), resume_from=ck)
@@ -130,7 +140,7 @@ def test_row_exchange_equals_dense_all_reduce_on_two_ray_train_workers(ray_local
     )
     trainer.fit()
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for mode in ("dense", "rows", "rows_lazy", "resumed"):
+    for mode in ("dense", "rows", "rows_lazy", "resumed", "rows_zero2"):
         for k, v in r0[mode]["state"].items():
             if not k.endswith("counts"):  # hit counts are per rank by design
                 assert torch.equal(v, r1[mode]["state"][k]), f"ranks disagree under {mode}: {k}"
@@ -139,6 +149,9 @@ def test_row_exchange_equals_dense_all_reduce_on_two_ray_train_workers(ray_local
     for k, v in dense["state"].items():
         if not k.endswith("counts"):
             torch.testing.assert_close(rows["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"rows != dense: {k}")
+            torch.testing.assert_close(
+                r0["rows_zero2"]["state"][k], v, rtol=1e-5, atol=1e-6, msg=f"ZeRO 2: {k}"
+            )
     for a, b in zip(rows["norms"], dense["norms"]):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
     # rows_lazy == dense where the math is the same: the first step (all moments zero) ...
