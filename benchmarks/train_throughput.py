@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows all-gather MB/step |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+
     def f2(v) -> str:
         return f"{v:.2f}" if v is not None else "-"
 
