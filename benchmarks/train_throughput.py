@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-plain", action="store_true", help="Ray runs only (no plain-loop baseline)")
     p.add_argument(
         "--modes", nargs="+", default=["dense", "rows_lazy"], help="train.codebook_update values to compare"
     )
@@ -178,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for w in args.workers:
-            plain = plain_loop(args, _cfg(args, shards, tmp / "runs", "plain", w), threads=w * args.threads)
+            plain = (
+                {"samples_per_s": float("nan")}
+                if args.skip_plain
+                else plain_loop(args, _cfg(args, shards, tmp / "runs", "plain", w), threads=w * args.threads)
+            )
             print(
                 f"plain PyTorch, {w * args.threads} thread(s): {plain['samples_per_s']:.1f} samples/s",
                 flush=True,
