@@ -10,7 +10,16 @@ before the final validation (startup, codebook init and the final validation/che
     python benchmarks/train_throughput.py                 # CPU: plain vs Ray, 1 and 2 workers
     python benchmarks/train_throughput.py --steps 300 --workers 1 2 4
 
-Prints a table and writes benchmarks/results/train_throughput.json. Goal: ratio >= 0.9 at one worker.
+    # the CPU-scaled 256T-L shape (G=256, K=32,768, d=8), dense vs row-exchanged codebook (issue 28):
+    python benchmarks/train_throughput.py --tokens 256 --codebook-size 32768 --batch 64 --steps 100 \
+        --workers 1 2 --out benchmarks/results/train_throughput_256TL.json
+
+``--modes`` picks ``train.codebook_update`` values to compare (default: ``dense rows_lazy``); each row also
+carries the bytes per step each rank handed to gradient collectives (DeepSpeed's dense all-reduce: the
+gradient buffers it reduces; the codebook's row all-gathers: measured by the trainer, ``metrics.csv``).
+
+Prints a table and writes benchmarks/results/train_throughput.json. Goals: ratio >= 0.9 at one worker; two
+workers' gain over one >= 0.9 x the plain loop's gain from the second thread.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions"))
 
 
-def _cfg(args, shards: Path, out: Path, name: str, workers: int):
+def _cfg(args, shards: Path, out: Path, name: str, workers: int, mode: str = "auto"):
     from revq_ray.config import load_config
 
     sets = {
@@ -55,6 +64,7 @@ def _cfg(args, shards: Path, out: Path, name: str, workers: int):
         "train.cpus_per_worker": 0.5,
         "train.torch_threads": args.threads,
         "train.max_failures": 0,
+        "train.codebook_update": mode,
     }
     return load_config(ROOT / "configs" / "debug.yaml", [f"{k}={v}" for k, v in sets.items()])
 
@@ -122,7 +132,15 @@ def ray_loop(args, cfg) -> dict:
         "seconds": dt,
         "wall_s_incl_startup": wall,
         "val_mse": result.metrics.get("val_mse"),
+        "comm_dense_bytes": _num(last.get("comm_dense_bytes")),
+        "comm_rows_bytes": _num(last.get("comm_rows_bytes")),
+        "comm_rows_received_bytes": _num(last.get("comm_rows_received_bytes")),
+        "rows_touched": _num(last.get("rows_touched")),
     }
+
+
+def _num(v) -> float:
+    return float(v) if v not in (None, "") else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-plain", action="store_true", help="Ray runs only (no plain-loop baseline)")
+    p.add_argument(
+        "--modes", nargs="+", default=["dense", "rows_lazy"], help="train.codebook_update values to compare"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_throughput.json"))
     args = p.parse_args(argv)
 
@@ -156,32 +178,59 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for w in args.workers:
-            cfg = _cfg(args, shards, tmp / "runs", f"ray_{w}w", w)
-            plain = plain_loop(args, cfg, threads=w * args.threads)
+            plain = (
+                {"samples_per_s": float("nan")}
+                if args.skip_plain
+                else plain_loop(args, _cfg(args, shards, tmp / "runs", "plain", w), threads=w * args.threads)
+            )
             print(
                 f"plain PyTorch, {w * args.threads} thread(s): {plain['samples_per_s']:.1f} samples/s",
                 flush=True,
             )
-            r = ray_loop(args, cfg)
-            ratio = r["samples_per_s"] / plain["samples_per_s"]
-            print(
-                f"Ray Train + DeepSpeed, {w} worker(s): {r['samples_per_s']:.1f} samples/s "
-                f"(ratio {ratio:.2f})",
-                flush=True,
-            )
-            rows.append(
-                {"workers": w, "threads_per_worker": args.threads, "plain": plain, "ray": r, "ratio": ratio}
-            )
+            for mode in args.modes:
+                cfg = _cfg(args, shards, tmp / "runs", f"ray_{w}w_{mode}", w, mode)
+                r = ray_loop(args, cfg)
+                ratio = r["samples_per_s"] / plain["samples_per_s"]
+                print(
+                    f"Ray Train + DeepSpeed, {w} worker(s), codebook_update={mode}: "
+                    f"{r['samples_per_s']:.1f} samples/s (ratio {ratio:.2f}); collective bytes/step/rank: "
+                    f"dense all-reduce {r['comm_dense_bytes'] / 1e6:.2f} MB, rows all-gather "
+                    f"{r['comm_rows_bytes'] / 1e6:.2f} MB",
+                    flush=True,
+                )
+                rows.append(
+                    {"workers": w, "threads_per_worker": args.threads, "mode": mode, "plain": plain, "ray": r,
+                     "ratio": ratio}
+                )  # fmt: skip
     finally:
         ray.shutdown()
+    base = {(r["mode"]): r for r in rows if r["workers"] == 1}
+    plain1 = next((r["plain"]["samples_per_s"] for r in rows if r["workers"] == 1), None)
+    for r in rows:
+        one = base.get(r["mode"])
+        r["gain_vs_1_worker"] = r["ray"]["samples_per_s"] / one["ray"]["samples_per_s"] if one else None
+        r["plain_gain_vs_1_thread"] = r["plain"]["samples_per_s"] / plain1 if plain1 else None
+        r["gain_over_plain_gain"] = (
+            r["gain_vs_1_worker"] / r["plain_gain_vs_1_thread"]
+            if r["gain_vs_1_worker"] and r["plain_gain_vs_1_thread"] else None
+        )  # fmt: skip
     print()
-    print("| workers | cores used | plain PyTorch samples/s | Ray Train + DS samples/s | ratio |")
-    print("|---|---|---|---|---|")
+    print(
+        "| workers | codebook_update | plain samples/s | Ray Train + DS samples/s | ratio | "
+        "gain vs 1 worker | plain gain | gain / plain gain | dense all-reduce MB/step | "
+        "rows all-gather MB/step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def f2(v) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
     for r in rows:
         print(
-            f"| {r['workers']} | {r['workers'] * r['threads_per_worker']} | "
-            f"{r['plain']['samples_per_s']:.1f} | "
-            f"{r['ray']['samples_per_s']:.1f} | {r['ratio']:.2f} |"
+            f"| {r['workers']} | {r['mode']} | {r['plain']['samples_per_s']:.1f} | "
+            f"{r['ray']['samples_per_s']:.1f} | {r['ratio']:.2f} | {f2(r['gain_vs_1_worker'])} | "
+            f"{f2(r['plain_gain_vs_1_thread'])} | {f2(r['gain_over_plain_gain'])} | "
+            f"{r['ray']['comm_dense_bytes'] / 1e6:.2f} | {r['ray']['comm_rows_bytes'] / 1e6:.2f} |"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

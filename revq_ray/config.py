@@ -221,12 +221,15 @@ class TrainConfig(Section):
     rectifier_weight_decay: float = Field(1e-4, ge=0.0)
     final_lr_fraction: float = Field(0.05, gt=0.0, le=1.0, description="exponential decay to lr * this")
     grad_clip: float = Field(1.0, ge=0.0, description="per-module gradient-norm clip (0 = off)")
-    sparse_codebook_optimizer: bool = Field(
-        False,
-        description="revq/vq: sparse codebook gradients + lazy row-sparse AdamW (core.optim.RowSparseAdamW):"
-        " only rows looked up in a step are updated; rows without gradient keep their moments and do not"
-        " move (dense AdamW decays and moves them). Core API only (core.optim.build_train_optimizer): the"
-        " DeepSpeed trainer refuses it",
+    codebook_update: Literal["auto", "rows_lazy", "rows", "dense"] = Field(
+        "auto",
+        description="how the codebook's gradient travels between workers and is applied (revq_ray/train/"
+        "codebook.py). rows_lazy: only the rows a step touched are all-gathered and summed, and a lazy "
+        "row-sparse AdamW updates only those rows (untouched rows keep their moments and do not move; dense "
+        "AdamW decays and moves them). rows: the same row exchange, then torch's AdamW over the whole "
+        "codebook (the dense update exactly, to rounding). dense: DeepSpeed all-reduces the whole (G, K, d) "
+        "gradient and steps it (ZeRO 1/2 then partition the codebook's optimizer state too; under rows* it "
+        "is replicated). auto: rows_lazy for revq/vq with a rectifier, dense otherwise (simvq, gq)",
     )
     fused_optimizer: bool = Field(
         True,

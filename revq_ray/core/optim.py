@@ -23,7 +23,9 @@ So the two agree exactly (i) at the first step, (ii) on every row that received 
 its moments were zero (e.g. since a reset cleared them), and (iii) always on rows never hit. They differ on
 rows hit intermittently: there lazy Adam takes the moment of the *last hit* as is, where dense Adam would
 have decayed it. Which is "right" is a modelling choice (lazy Adam is the standard choice for embedding
-tables); it is opt-in (``train.sparse_codebook_optimizer``) and the default path stays dense AdamW.
+tables). The DeepSpeed trainer uses it for ``train.codebook_update: rows_lazy`` (the default for revq/vq, see
+:mod:`revq_ray.train.codebook`, which exchanges only the touched rows between workers with
+:func:`exchange_sparse_rows`); ``rows`` and ``dense`` keep dense AdamW.
 
 Dense gradients (the rectifier, or a codebook whose quantizer makes dense gradients) go through
 ``torch.optim.AdamW`` itself (this class *is* an AdamW), so ``fused=True`` / ``foreach`` apply to them.
@@ -36,7 +38,7 @@ synchronization per sparse parameter per step (the dense fused path has none).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,8 +53,18 @@ __all__ = [
     "build_train_optimizer",
     "clip_grad_norms_",
     "coalesce_sparse_grads_",
+    "exchange_sparse_rows",
+    "local_gather",
     "sparse_rows",
 ]
+
+GatherFn = Callable[[torch.Tensor], list[torch.Tensor]]
+"""All-gather of a tensor whose first dim may differ between ranks -> one tensor per rank, in rank order."""
+
+
+def local_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """The single-process :data:`GatherFn`: this rank's tensor is everything."""
+    return [t]
 
 
 def sparse_rows(param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +80,54 @@ def sparse_rows(param: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, 
     rows = idx[0]
     for i in range(1, s):
         rows = rows * shape[i] + idx[i]
-    return rows, vals.reshape(vals.shape[0], -1)
+    return rows, vals.reshape(vals.shape[0], math.prod(vals.shape[1:]))
+
+
+@torch.no_grad()
+def exchange_sparse_rows(
+    param: torch.Tensor, grad: torch.Tensor, gather_fn: GatherFn = local_gather, world_size: int = 1
+) -> torch.Tensor:
+    """The data-parallel average of a row-sparse gradient, exchanging only the rows each rank touched.
+
+    ``grad`` is this rank's sparse COO gradient of ``param`` (e.g. a (G, K, d) codebook with sparse dims
+    (g, k)). Each rank coalesces its rows (duplicates summed), packs (flat row index, row values) into one
+    (n, 1 + row) fp32 tensor (the int32 index bit-cast into the first column, so one collective carries both)
+    and hands it to ``gather_fn``; the union of all ranks' rows is summed per row and scaled by
+    ``1 / world_size``. That is the dense all-reduce's arithmetic (sum over ranks, then DeepSpeed's
+    post-scale by 1 / world) restricted to the rows that are non-zero somewhere: rows touched on no rank are
+    zero in both. With two ranks the per-row sum ``a + b`` is the all-reduce's exactly; with more, the order
+    of the per-row additions may differ from the collective's, so results agree to rounding.
+
+    Returns a coalesced sparse COO tensor shaped like ``param`` with the same sparse dims as ``grad``.
+    Pure PyTorch: the collective is injected (:func:`local_gather` in a single process).
+    """
+    if not grad.is_coalesced():
+        grad = grad.coalesce()
+    s = grad.sparse_dim()
+    rows, vals = sparse_rows(param, grad)
+    n_rows = math.prod(param.shape[:s])
+    if n_rows >= 2**31:
+        raise ValueError(f"exchange_sparse_rows: {n_rows} rows do not fit the int32 row index")
+    if vals.dtype != torch.float32:
+        raise ValueError(f"exchange_sparse_rows: the gradient must be fp32 (got {vals.dtype})")
+    packed = torch.cat([rows.to(torch.int32).view(torch.float32)[:, None], vals], dim=1)
+    parts = gather_fn(packed)
+    allp = torch.cat(parts) if len(parts) > 1 else parts[0]
+    all_rows = allp[:, 0].contiguous().view(torch.int32).long()
+    all_vals = allp[:, 1:]
+    # Unravel the flat row index into the sparse dims again.
+    idx, rest = [], all_rows
+    for dim in reversed(param.shape[1:s]):
+        idx.append(rest % dim)
+        rest = rest // dim
+    idx.append(rest)
+    indices = torch.stack(idx[::-1])
+    out = torch.sparse_coo_tensor(
+        indices, all_vals.reshape(-1, *param.shape[s:]), tuple(param.shape), check_invariants=False
+    ).coalesce()
+    if world_size > 1:
+        out._values().mul_(1.0 / world_size)
+    return out
 
 
 @torch.no_grad()
@@ -220,8 +279,9 @@ def build_optimizer(
     if sparse_codebook:
         if not hasattr(type(model.quantizer), "sparse_grad"):
             raise ValueError(
-                "train.sparse_codebook_optimizer=true needs a quantizer whose codebook is gathered by rows "
-                f"(model.quantizer.type revq or vq), not {type(model.quantizer).__name__}; set it to false"
+                "sparse_codebook=True (train.codebook_update=rows_lazy) needs a quantizer whose codebook is "
+                f"gathered by rows (model.quantizer.type revq or vq), not {type(model.quantizer).__name__}; "
+                "use dense"
             )
         model.quantizer.sparse_grad = True
     spec = {"codebook": (lr, 0.0), "rectifier": (lr * rectifier_lr_scale, rectifier_weight_decay)}
@@ -239,15 +299,14 @@ def build_optimizer(
 def build_train_optimizer(model: ReVQModel, train: TrainConfig) -> RowSparseAdamW:
     """:func:`build_optimizer` from a ``TrainConfig``, after applying ``train.channels_last`` (rectifier).
 
-    Reads ``lr``, ``rectifier_lr_scale``, ``rectifier_weight_decay``, ``sparse_codebook_optimizer`` and
-    ``fused_optimizer``. Sparse codebook gradients need ZeRO stage 0 (ZeRO 1/2 flatten gradients into dense
-    partitions), so that combination is refused.
+    Reads ``lr``, ``rectifier_lr_scale``, ``rectifier_weight_decay``, ``codebook_update`` and
+    ``fused_optimizer``, as the DeepSpeed trainer does in one process: ``rows_lazy`` (and ``auto`` for a
+    quantizer that gathers codebook rows) gives sparse codebook gradients and the lazy row-sparse update;
+    ``rows`` and ``dense`` the dense AdamW update (in one process there is nothing to exchange).
     """
-    if train.sparse_codebook_optimizer and train.zero_stage != 0:
-        raise ValueError(
-            f"train.sparse_codebook_optimizer=true needs train.zero_stage=0 (got {train.zero_stage}): "
-            "ZeRO 1/2 partition dense gradients; set one of them back"
-        )
+    lazy = train.codebook_update == "rows_lazy" or (
+        train.codebook_update == "auto" and hasattr(type(model.quantizer), "sparse_grad")
+    )
     if train.channels_last or (train.channels_last is None and train.zero_stage == 0):  # None = auto
         # Only 4-D conv weights change layout (Module.to leaves other tensors alone); values are unchanged.
         model.rectifier.to(memory_format=torch.channels_last)
@@ -256,6 +315,6 @@ def build_train_optimizer(model: ReVQModel, train: TrainConfig) -> RowSparseAdam
         lr=train.lr,
         rectifier_lr_scale=train.rectifier_lr_scale,
         rectifier_weight_decay=train.rectifier_weight_decay,
-        sparse_codebook=train.sparse_codebook_optimizer,
+        sparse_codebook=lazy,
         fused=True if train.fused_optimizer else None,
     )

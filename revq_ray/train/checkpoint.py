@@ -109,10 +109,21 @@ def consolidate_counts(module: torch.nn.Module, rank: int, world_size: int) -> N
         counts.zero_()
 
 
-def save(engine: Any, state: TrainerState, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> None:
-    """Collective: every rank writes its DeepSpeed part into ``ckpt_dir``; rank 0 adds the trainer state."""
+def save(
+    engine: Any,
+    state: TrainerState,
+    ckpt_dir: str | os.PathLike,
+    rank: int,
+    world_size: int,
+    rows: Any = None,
+) -> None:
+    """Collective: every rank writes its DeepSpeed part into ``ckpt_dir``; rank 0 adds the trainer state and
+    (``train.codebook_update`` rows*) the codebook's own optimizer state (replicated: rank 0's copy is
+    all)."""
     consolidate_counts(engine.module, rank, world_size)
     engine.save_checkpoint(str(ckpt_dir), tag=DS_TAG, save_latest=False)
+    if rows is not None:
+        rows.save(ckpt_dir, rank)
     if rank == 0:
         Path(ckpt_dir, STATE_FILE).write_text(state.to_json())
 
@@ -162,11 +173,14 @@ def weights_only_loads(engine: Any) -> Iterator[None]:
         del ce.load
 
 
-def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -> TrainerState:
+def load(
+    engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int, rows: Any = None
+) -> TrainerState:
     """Collective: restore module, optimizer and trainer state from a (merged) checkpoint directory.
 
     With a different world size than at save time, ZeRO optimizer shards do not fit: the module is loaded
-    and the optimizer starts fresh (said loudly)."""
+    and DeepSpeed's optimizer starts fresh (said loudly). The codebook's own optimizer (``rows``) is
+    replicated, so it is restored whatever the world size, when the checkpoint holds one of its mode."""
     state = TrainerState.from_json(Path(ckpt_dir, STATE_FILE).read_text())
     same_world = state.world_size == world_size
     if not same_world and rank == 0:
@@ -186,6 +200,12 @@ def load(engine: Any, ckpt_dir: str | os.PathLike, rank: int, world_size: int) -
         )
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {ckpt_dir}/{DS_TAG}")
+    if rows is not None and not rows.load(ckpt_dir) and rank == 0:
+        get_logger("revq_ray.train").warning(
+            "checkpoint holds no codebook optimizer state for train.codebook_update=%s: its moments start "
+            "from zero",
+            rows.mode,
+        )
     counts = _counts_buffer(engine.module)
     if counts is not None and rank != 0:
         counts.zero_()
@@ -398,6 +418,7 @@ class Checkpointer:
         self.rank, self.world, self.gather = rank, world, gather
         self.storage, self.name, self.run_dir, self.keep = storage, name, Path(run_dir), keep
         self.engine: Any = None  # set by restore
+        self.rows: Any = None
         self.last_step = 0  # the step of the newest checkpoint saved or restored
         self._log = get_logger("revq_ray.train").info
         # What storage holds decides where to resume (not Ray Train's list of reported checkpoints, which lags
@@ -410,11 +431,11 @@ class Checkpointer:
         return any(not s.problem for s in self.stored[1])
 
     # ----------------------------------------------------------------------------------------- restore
-    def restore(self, engine: Any) -> TrainerState:
+    def restore(self, engine: Any, rows: Any = None) -> TrainerState:
         """Collective: load into ``engine`` (kept for the saves) the newest complete, intact checkpoint in
         storage, falling back past damaged ones with a message that names the file and the steps lost; rank 0
         then prunes the folder. A fresh state when storage holds none."""
-        self.engine = engine
+        self.engine, self.rows = engine, rows  # rows: the codebook's own optimizer (codebook.py), or None
         fs, found = self.stored
         warn = get_logger("revq_ray.train").warning if self.rank == 0 else (lambda *a: None)
         newest = found[0].step if found else 0
@@ -427,7 +448,7 @@ class Checkpointer:
                 import ray.train
 
                 with _local_dir(ray.train.Checkpoint(s.path, filesystem=fs), self.rank) as d:
-                    state = load(self.engine, d, self.rank, self.world)
+                    state = load(self.engine, d, self.rank, self.world, self.rows)
             except UntrustedCheckpointError:
                 raise  # a planted pickle is refused loudly, never skipped past
             except Exception as err:  # damaged beyond what the sizes show
@@ -478,7 +499,7 @@ class Checkpointer:
             )
         tmp = tempfile.mkdtemp(prefix=f"revq_ckpt_r{self.rank}_")
         try:
-            save(self.engine, state, tmp, self.rank, self.world)
+            save(self.engine, state, tmp, self.rank, self.world, self.rows)
             self.last_step = state.step
             yield Checkpoint.from_directory(tmp)
         finally:

@@ -4,6 +4,12 @@ The reference recipe, made ZeRO-aware:
 
 - AdamW with two param groups: ``codebook`` (lr, no weight decay) and ``rectifier`` (lr * 0.05, weight decay
   1e-4); empty groups are dropped (GQ has no trainable codebook, the identity rectifier no parameters).
+  Under ``train.codebook_update`` rows / rows_lazy (rows_lazy is the default for revq/vq) the codebook is not
+  DeepSpeed's: it travels as the rows a step touched and has its own optimizer
+  (:mod:`revq_ray.train.codebook`); :func:`backward`, :func:`clip`, :func:`step` and :func:`set_lrs` drive
+  both. At ZeRO 0 DeepSpeed's backward all-reduce is then switched off (it would all-reduce every module
+  parameter, the codebook as zeros included) and :func:`backward` has DeepSpeed all-reduce the rectifier's
+  gradients alone; at ZeRO 1/2 DeepSpeed reduces only the parameters it optimizes, the rectifier's.
 - Exponential lr decay from lr to ``lr * final_lr_fraction`` over the planned steps. The lr is a pure function
   of the step (:func:`lr_factor`), so a resumed run needs no scheduler state.
 - Gradient-norm clipping to ``grad_clip`` *per group* (codebook and rectifier separately), done here rather
@@ -79,12 +85,6 @@ def per_worker_batch(train: TrainConfig) -> int:
 
 def check_fast_paths(train: TrainConfig) -> None:
     """Refuse fast-path options the DeepSpeed trainer cannot honour, before any worker starts."""
-    if train.sparse_codebook_optimizer:
-        raise ValueError(
-            "train.sparse_codebook_optimizer=true: the row-sparse lazy AdamW (revq_ray.core.optim) is not "
-            "wired into the DeepSpeed trainer yet (DeepSpeed reduces and steps dense gradients). Use it from "
-            "your own loop with revq_ray.core.optim.build_train_optimizer, or set it back to false"
-        )
     if train.channels_last is True and train.zero_stage != 0:
         raise ValueError(
             f"train.channels_last=true needs train.zero_stage=0 (got {train.zero_stage}): ZeRO 1/2 flatten "
@@ -149,15 +149,16 @@ def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
     return cfg
 
 
-def param_groups(model: ReVQModel, train: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW param groups of the reference recipe; each carries ``name`` and ``base_lr`` for the schedule."""
+def param_groups(model: ReVQModel, train: TrainConfig, codebook: bool = True) -> list[dict[str, Any]]:
+    """AdamW param groups of the reference recipe; each carries ``name`` and ``base_lr`` for the schedule.
+    ``codebook=False`` leaves the codebook out (``train.codebook_update`` rows*: it has its own optimizer)."""
     groups = model.param_groups()
     spec = {
         "codebook": (train.lr, 0.0),
         "rectifier": (train.lr * train.rectifier_lr_scale, train.rectifier_weight_decay),
     }
     out = []
-    for name in GROUP_NAMES:
+    for name in GROUP_NAMES if codebook else GROUP_NAMES[1:]:
         params = groups.get(name, [])
         if not params:
             continue
@@ -187,14 +188,23 @@ def set_lr(optimizer: Any, step: int, total_steps: int, final_fraction: float) -
     return optimizer.param_groups[0]["lr"]
 
 
-def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple[Any, list[str]]:
-    """``deepspeed.initialize`` over ``model``; returns ``(engine, group_names)`` (in optimizer group order).
+def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple[Any, list[str], Any]:
+    """``deepspeed.initialize`` over ``model``; returns ``(engine, group_names, codebook)``: the names of
+    DeepSpeed's optimizer groups in order, and the codebook's own exchange + optimizer
+    (:class:`revq_ray.train.codebook.CodebookRows`) when ``train.codebook_update`` resolves to ``rows`` or
+    ``rows_lazy`` (DeepSpeed then trains the rectifier only), else None.
 
     Reuses the process group Ray Train created (gloo on CPU, NCCL on GPU)."""
     import deepspeed
 
+    from revq_ray.train.codebook import CodebookRows, resolve_codebook_update
+
     check_fast_paths(train)
-    groups = param_groups(model, train)
+    mode = resolve_codebook_update(train, model)
+    rows = None
+    if mode != "dense":
+        rows = CodebookRows(model, train, mode, world_size)
+    groups = param_groups(model, train, codebook=rows is None)
     names = [g.pop("name") for g in groups]
     base = [g.pop("base_lr") for g in groups]
     engine, optimizer, _, _ = deepspeed.initialize(
@@ -203,12 +213,65 @@ def build_engine(model: ReVQModel, train: TrainConfig, world_size: int) -> tuple
     # DeepSpeed rebuilds the group dicts; remember the base lr on the live ones for the schedule.
     for g, lr in zip(optimizer.param_groups, base):
         g["base_lr"] = lr
+    if rows is not None and train.zero_stage == 0:
+        # At stage 0 DeepSpeed's backward all-reduces every module parameter's gradient (a missing one as
+        # zeros): the whole codebook again. The rectifier's all-reduce is done by backward() below instead.
+        engine.enable_backward_allreduce = False
     if channels_last(train):
         # After initialize: DeepSpeed's initial broadcast views parameters as bytes and needs the default
         # layout. Module.to swaps each conv weight's data in place (same Parameter objects, so the optimizer
         # still holds them; its state is created at the first step); values are unchanged.
         model.rectifier.to(memory_format=torch.channels_last)
-    return engine, names
+    return engine, names, rows
+
+
+def backward(engine: Any, loss: torch.Tensor, rows: Any = None) -> None:
+    """``engine.backward`` plus, with a row-exchanged codebook, the rectifier's all-reduce at ZeRO 0 (by
+    DeepSpeed, over the rectifier's gradients only) and the codebook's row exchange. Collective."""
+    engine.backward(loss)
+    if rows is None:
+        return
+    if not engine.enable_backward_allreduce:
+        grads = []
+        for p in (q for g in _group_params(engine) for q in g):
+            if p.grad is None:  # as DeepSpeed does: every rank reduces the same buffers
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.data)
+        if rows.world > 1:
+            engine.buffered_allreduce_fallback(grads=grads)
+    rows.exchange()
+
+
+def clip(engine: Any, names: list[str], rows: Any, max_norm: float) -> dict[str, torch.Tensor]:
+    """Per-module clip of every group (DeepSpeed's and, if any, the row-exchanged codebook); pre-clip norms.
+    The codebook's norm is the norm of its averaged gradient in both paths (untouched rows add zeros)."""
+    norms = clip_grad_norms_(engine, names, max_norm)
+    if rows is not None:
+        norms = {"codebook": rows.clip(max_norm), **norms}
+    return norms
+
+
+def step(engine: Any, rows: Any = None) -> None:
+    """The optimizer step of every group. The codebook's first: DeepSpeed's step clears every module
+    parameter's gradient at ZeRO 0, the codebook's included."""
+    if rows is not None:
+        rows.step()
+    engine.step()
+
+
+def set_lrs(
+    engine: Any, names: list[str], rows: Any, step: int, total_steps: int, final_fraction: float
+) -> dict[str, float]:
+    """Set the lr of every group (DeepSpeed's and the codebook's own) for the step about to run; returns
+    the lr by group name (``codebook``, ``rectifier``; absent groups left out)."""
+    f = lr_factor(step, total_steps, final_fraction)
+    for g in engine.optimizer.param_groups:
+        g["lr"] = g.get("base_lr", g["lr"]) * f
+    out = {n: float(g["lr"]) for n, g in zip(names, engine.optimizer.param_groups)}
+    if rows is not None:
+        rows.set_lr(f)
+        out["codebook"] = rows.lr
+    return out
 
 
 # --------------------------------------------------------------------------------------------- fragments
@@ -307,15 +370,21 @@ def _flat_partition_state(engine: Any, hp: Any) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply_reset_to_optimizer(engine: Any, report: ResetReport) -> int:
+def apply_reset_to_optimizer(engine: Any, report: ResetReport, rows: Any = None) -> int:
     """Propagate a reset (rows already overwritten in the module parameter) into the optimizer.
 
     Writes the new rows into this rank's fp32 master fragment (ZeRO 1/2) and zeroes their Adam moments.
     Purely local (no communication): every rank applies the identical reset to its own slice. Returns the
-    number of elements whose moments were cleared on this rank.
+    number of elements whose moments were cleared on this rank. With a row-exchanged codebook (``rows``,
+    :class:`revq_ray.train.codebook.CodebookRows`) the codebook's moments live in its own optimizer.
     """
     if report is None or report.count == 0:
         return 0
+    if (
+        rows is not None
+        and dict(engine.module.quantizer.named_parameters()).get(report.param_name) is rows.param
+    ):
+        return rows.clear_rows(report.groups, report.codes)
     quantizer = engine.module.quantizer
     param = dict(quantizer.named_parameters()).get(report.param_name)
     if param is None:

@@ -44,6 +44,10 @@ COLUMNS = [
     "grad_norm_codebook",
     "grad_norm_rectifier",
     "reset_codes",
+    "comm_dense_bytes",
+    "comm_rows_bytes",
+    "comm_rows_received_bytes",
+    "rows_touched",
 ]
 
 

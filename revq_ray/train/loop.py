@@ -107,9 +107,12 @@ class Run:
     checkpointer: ckpt.Checkpointer
     batches: Iterator[dict[str, torch.Tensor]]
     val_shard: Any = None
+    rows: Any = None  # the codebook's own row exchange + optimizer (train.codebook_update rows*), else None
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
     lr: float = 0.0
+    lrs: dict[str, float] = field(default_factory=dict)
     last_val: tuple[float, float] | None = None
+    reporter_last_comm_step: int = 0
 
     @property
     def module(self) -> Any:
@@ -237,10 +240,13 @@ def setup(config: dict[str, Any]) -> Run:
     init = None if resuming or plan.init_tokens is None else ray.get(plan.init_tokens)
     model = build_model(cfg, plan, init, device, fresh=not resuming)
     model.set_reduce_fn(coll.sum_)
-    engine, group_names = eng.build_engine(model, cfg.train, world)
+    engine, group_names, rows = eng.build_engine(model, cfg.train, world)
     if rank == 0:
-        _log(f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s")
-    state = checkpointer.restore(engine)
+        _log(
+            f"DeepSpeed engine ready: worker setup (model, init, engine) in {time.perf_counter() - t0:.1f}s; "
+            f"codebook update {rows.mode if rows is not None else 'dense'}"
+        )
+    state = checkpointer.restore(engine, rows)
     reset_cfg = cfg.model.quantizer.reset
     schedule = Schedule(
         cfg.train, reset_cfg, plan.steps_per_epoch, plan.total_steps, resets_on=reset_cfg.enabled
@@ -259,6 +265,7 @@ def setup(config: dict[str, Any]) -> Run:
         group_names=group_names, state=state, schedule=schedule, reporter=reporter, checkpointer=checkpointer,
         batches=endless_batches(ray.train.get_dataset_shard("train"), plan.micro_batch, cfg, device),
         val_shard=ray.train.get_dataset_shard("val") if plan.has_val else None,
+        rows=rows, reporter_last_comm_step=state.step,
     )  # fmt: skip
     _write_run_files(run, config)
     return run
@@ -298,15 +305,18 @@ def sync_run_dir(run: Run) -> None:
 
 # --------------------------------------------------------------------------------------------- step
 def train_step(run: Run, batch: dict[str, torch.Tensor]) -> None:
-    """One optimizer step: lr, forward, backward, per-module clip, step. No host sync."""
-    engine, tc = run.engine, run.cfg.train
+    """One optimizer step: lr, forward, backward (DeepSpeed's all-reduce; the codebook's row exchange),
+    per-module clip, step. No host sync on the dense path (the row exchange reads the row counts)."""
+    engine, tc, rows = run.engine, run.cfg.train, run.rows
     latents = batch["latent"].to(run.device, non_blocking=True)
     logvar = batch["logvar"].to(run.device, non_blocking=True) if "logvar" in batch else None
-    run.lr = eng.set_lr(engine.optimizer, run.state.step, run.plan.total_steps, tc.final_lr_fraction)
+    run.lrs = eng.set_lrs(engine, run.group_names, rows, run.state.step, run.plan.total_steps,
+                          tc.final_lr_fraction)  # fmt: skip
+    run.lr = run.lrs.get("codebook", next(iter(run.lrs.values()), 0.0))
     out = engine(latents, logvar)
-    engine.backward(out.loss)
-    run.norms = eng.clip_grad_norms_(engine, run.group_names, tc.grad_clip)
-    engine.step()
+    eng.backward(engine, out.loss, rows)
+    run.norms = eng.clip(engine, run.group_names, rows, tc.grad_clip)
+    eng.step(engine, rows)
     run.reporter.add(run.state.step + 1, out.losses, out.loss)
 
 
@@ -360,6 +370,24 @@ def _usage_metrics(usage: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     }
 
 
+def _comm_metrics(run: Run) -> dict[str, Any]:
+    """Bytes this rank handed to gradient collectives per step: DeepSpeed's dense all-reduce (the gradient
+    buffers it reduces: every parameter it trains) plus the codebook's row all-gathers (measured, averaged
+    over the steps since the last report)."""
+    from revq_ray.train.codebook import dense_grad_bytes
+
+    dense = dense_grad_bytes([p for g in eng._group_params(run.engine) for p in g]) if run.world > 1 else 0
+    out: dict[str, Any] = {"comm_dense_bytes": dense}
+    if run.rows is not None:
+        got = run.rows.comm_bytes()
+        steps = max(run.state.step - run.reporter_last_comm_step, 1)
+        out["comm_rows_bytes"] = got["sent"] / steps
+        out["comm_rows_received_bytes"] = got["received"] / steps
+        out["rows_touched"] = run.rows.rows_touched
+    run.reporter_last_comm_step = run.state.step
+    return out
+
+
 def _val_metrics(run: Run, due: Due, means: dict[str, float]) -> tuple[dict[str, Any], bool]:
     """Validation entries of the metrics and whether ``val_mse`` improved on the best so far."""
     out: dict[str, Any] = {}
@@ -383,7 +411,7 @@ def after_step(run: Run, due: Due) -> None:
     gen = torch.Generator().manual_seed(seed_for(run.cfg, 2, run.state.step))
     usage, report = usage_and_reset(run.module.quantizer, due, gen)
     if report is not None:
-        eng.apply_reset_to_optimizer(run.engine, report)
+        eng.apply_reset_to_optimizer(run.engine, report, run.rows)
         run.reporter.reset_codes += report.count
         run.state.resets += 1
     if due.val and run.val_shard is not None:
@@ -392,10 +420,10 @@ def after_step(run: Run, due: Due) -> None:
         return
     means, ray_wants = run.reporter.close_window(run.state.step)
     val, improved = _val_metrics(run, due, means)
-    groups = run.engine.optimizer.param_groups
     metrics = run.reporter.metrics(
-        run.state, means, lr=run.lr, lr_rectifier=groups[1]["lr"] if len(groups) > 1 else None,
+        run.state, means, lr=run.lr, lr_rectifier=run.lrs.get("rectifier") if "codebook" in run.lrs else None,
         **{f"grad_norm_{k}": float(v) for k, v in run.norms.items()}, **_usage_metrics(usage), **val,
+        **_comm_metrics(run),
     )  # fmt: skip
     saving = due.ckpt and run.checkpointer.due(run.state.step)
     # every save, export and the checkpoint's commit: train/checkpoint.py (Checkpointer)

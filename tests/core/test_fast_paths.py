@@ -298,28 +298,32 @@ def test_build_optimizer_groups_and_rejects_sparse_without_codebook():
     gq = ReVQModel.from_config(
         [4, 4, 4], ModelConfig.model_validate({"quantizer": {"type": "gq", "tokens": 16, "codebook_size": 8}})
     )
-    with pytest.raises(ValueError, match="sparse_codebook_optimizer"):
+    with pytest.raises(ValueError, match="codebook_update=rows_lazy"):
         build_optimizer(gq, lr=1e-3, sparse_codebook=True)
 
 
 def test_build_train_optimizer_reads_the_config_fields():
     m = _tiny_model()
     opt = build_train_optimizer(
-        m, TrainConfig(lr=2e-3, sparse_codebook_optimizer=True, fused_optimizer=True, channels_last=True)
+        m, TrainConfig(lr=2e-3, codebook_update="rows_lazy", fused_optimizer=True, channels_last=True)
     )
     assert m.quantizer.sparse_grad and opt.param_groups[0]["lr"] == 2e-3 and opt.defaults["fused"]
     assert m.rectifier.stem.weight.is_contiguous(memory_format=torch.channels_last)
     plain = _tiny_model()
-    opt = build_train_optimizer(plain, TrainConfig(fused_optimizer=False, channels_last=False))
+    opt = build_train_optimizer(
+        plain, TrainConfig(codebook_update="dense", fused_optimizer=False, channels_last=False)
+    )
     assert not plain.quantizer.sparse_grad and not opt.defaults["fused"]
     assert not plain.rectifier.stem.weight.is_contiguous(memory_format=torch.channels_last)
-    default = _tiny_model()  # the defaults: fused AdamW, channels_last at ZeRO 0
+    default = _tiny_model()  # the defaults: fused AdamW, channels_last at ZeRO 0, lazy codebook (auto)
     opt = build_train_optimizer(default, TrainConfig())
     assert opt.defaults["fused"] and default.rectifier.stem.weight.is_contiguous(
         memory_format=torch.channels_last
     )
-    with pytest.raises(ValueError, match="zero_stage"):
-        build_train_optimizer(_tiny_model(), TrainConfig(sparse_codebook_optimizer=True, zero_stage=1))
+    assert default.quantizer.sparse_grad
+    rows = _tiny_model()  # rows: in one process there is nothing to exchange, the update is dense AdamW
+    build_train_optimizer(rows, TrainConfig(codebook_update="rows"))
+    assert not rows.quantizer.sparse_grad
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="host-sync detection needs CUDA")
@@ -341,3 +345,38 @@ def test_dense_fast_step_has_no_host_sync_on_cuda():  # pragma: no cover - no GP
         opt.zero_grad(set_to_none=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------------------------------ row exchange
+def test_exchange_sparse_rows_equals_the_dense_all_reduce_average():
+    """Three simulated ranks (the gather is injected): the union of their touched rows, summed per row and
+    scaled by 1 / world, equals the dense average of their gradients; a rank without rows still works."""
+    from revq_ray.core.optim import exchange_sparse_rows, local_gather
+
+    p = torch.zeros(3, 6, 2)
+    ranks = [
+        _sparse_grad(seed=0),
+        _sparse_grad(rows=((0, 1), (2, 2), (2, 2)), seed=1),
+        torch.sparse_coo_tensor(torch.empty(2, 0, dtype=torch.long), torch.empty(0, 2), (3, 6, 2)),
+    ]
+    packed = {}
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        # Every rank's packed (row index, row) tensor, as an all-gather would hand them back.
+        packed["me"] = t
+        return [t] + [others_packed[i] for i in (1, 2)]
+
+    # Each rank's own packed tensor, from the single-process path.
+    others_packed = {}
+    for i in (1, 2):
+        exchange_sparse_rows(p, ranks[i], lambda t, i=i: others_packed.__setitem__(i, t) or [t])
+    got = exchange_sparse_rows(p, ranks[0], gather, world_size=3)
+    want = sum(g.to_dense() for g in ranks) / 3
+    assert got.is_sparse and got.is_coalesced() and got.sparse_dim() == 2
+    torch.testing.assert_close(got.to_dense(), want, rtol=1e-6, atol=0)
+    assert packed["me"].dtype == torch.float32 and packed["me"].shape[1] == 1 + 2
+    # one process: the coalesced local gradient, unchanged
+    local = exchange_sparse_rows(p, ranks[1], local_gather)
+    torch.testing.assert_close(local.to_dense(), ranks[1].to_dense())
+    with pytest.raises(ValueError, match="fp32"):
+        exchange_sparse_rows(p.double(), ranks[0].double())

@@ -98,8 +98,9 @@ def _worker(rank: int, world: int, port: int, stage: int, results: dict, fast: b
             grad_clip=0.05,
             fused_optimizer=fast,
             channels_last=fast,
+            codebook_update="dense",
         )
-        engine, names = eng.build_engine(model, t, world)
+        engine, names, _ = eng.build_engine(model, t, world)
         g = torch.Generator().manual_seed(100 + rank)  # different data on every rank
         resets = 0
         for step in range(6):
@@ -192,8 +193,26 @@ def test_fast_paths_through_deepspeed_match_the_plain_engine():
 
 
 def test_fast_path_options_the_trainer_cannot_honour_are_refused():
-    with pytest.raises(ValueError, match="train.sparse_codebook_optimizer"):
-        eng.check_fast_paths(TrainConfig(sparse_codebook_optimizer=True))
+    from revq_ray.core.model import ReVQModel
+    from revq_ray.train.codebook import resolve_codebook_update
+
+    # train.codebook_update: auto = rows_lazy where the codebook is gathered by rows and a rectifier trains
+    assert TrainConfig().codebook_update == "auto"
+    assert resolve_codebook_update(TrainConfig(), _model()) == "rows_lazy"
+    gq = ReVQModel.from_config(
+        LATENT, parse_config({"quantizer": {"type": "gq", "tokens": 16, "codebook_size": 8}}, ModelConfig)
+    )
+    assert resolve_codebook_update(TrainConfig(), gq) == "dense"
+    with pytest.raises(ValueError, match="train.codebook_update=rows.*revq or vq"):
+        resolve_codebook_update(TrainConfig(codebook_update="rows"), gq)
+    ident = ReVQModel.from_config(
+        LATENT,
+        parse_config({"quantizer": {"tokens": 16, "codebook_size": 8}, "rectifier": {"type": "identity"}},
+                     ModelConfig),
+    )  # fmt: skip
+    assert resolve_codebook_update(TrainConfig(), ident) == "dense"
+    with pytest.raises(ValueError, match="train.codebook_update=rows_lazy.*identity"):
+        resolve_codebook_update(TrainConfig(codebook_update="rows_lazy"), ident)
     with pytest.raises(ValueError, match="train.channels_last=true needs train.zero_stage=0"):
         eng.check_fast_paths(TrainConfig(channels_last=True, zero_stage=2))
     eng.check_fast_paths(TrainConfig(channels_last=True, fused_optimizer=True))
@@ -204,7 +223,7 @@ def test_fast_path_options_the_trainer_cannot_honour_are_refused():
     assert eng.deepspeed_config(TrainConfig(fused_optimizer=True), 1)["optimizer"]["params"]["fused"] is True
 
 
-def _bf16_worker(rank: int, world: int, port: int, results: dict) -> None:
+def _bf16_worker(rank: int, world: int, port: int, results: dict, mode: str = "dense") -> None:
     import os
 
     os.environ.update(
@@ -219,8 +238,8 @@ def _bf16_worker(rank: int, world: int, port: int, results: dict) -> None:
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = _model()
-        t = TrainConfig(batch_size=64, precision="bf16", lr=0.01)
-        engine, names = eng.build_engine(model, t, 1)
+        t = TrainConfig(batch_size=64, precision="bf16", lr=0.01, codebook_update=mode)
+        engine, names, rows = eng.build_engine(model, t, 1)
         results["autocast"] = bool(engine.torch_autocast_enabled())
         # gradients are all-reduced in fp32: no parameter is tagged with a lower communication dtype
         results["comm_dtypes"] = sorted({str(getattr(p, "comm_dtype", p.dtype)) for p in model.parameters()})
@@ -235,9 +254,9 @@ def _bf16_worker(rank: int, world: int, port: int, results: dict) -> None:
             same += int((out.ids_bt == ids).sum())
             total += ids.numel()
             results.setdefault("rect_dtype", str(out.rectified_std.dtype))
-            engine.backward(out.loss)
-            eng.clip_grad_norms_(engine, names, t.grad_clip)
-            engine.step()
+            eng.backward(engine, out.loss, rows)
+            eng.clip(engine, names, rows, t.grad_clip)
+            eng.step(engine, rows)
         results["agree"] = same / total
         results["codebook_dtype"] = str(model.quantizer.codebook.dtype)
     finally:
@@ -249,11 +268,14 @@ def test_bf16_engine_picks_the_fp32_codes():
     fp32 search on the same codebook (at e163450 about 5 % differed), gradients travel in fp32, parameters
     stay fp32."""
     ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        out = manager.dict()
-        mp.start_processes(_bf16_worker, args=(1, _free_port(), out), nprocs=1, start_method="spawn")
-        res = dict(out)
-    assert res["autocast"] is True
-    assert res["agree"] == 1.0
-    assert res["comm_dtypes"] == ["torch.float32"]
-    assert res["codebook_dtype"] == "torch.float32" and res["rect_dtype"] == "torch.float32"
+    for mode in ("dense", "rows_lazy"):  # the codebook in DeepSpeed, and on its own row exchange (fp32 only)
+        with ctx.Manager() as manager:
+            out = manager.dict()
+            mp.start_processes(
+                _bf16_worker, args=(1, _free_port(), out, mode), nprocs=1, start_method="spawn"
+            )
+            res = dict(out)
+        assert res["autocast"] is True
+        assert res["agree"] == 1.0, mode
+        assert res["comm_dtypes"] == ["torch.float32"]
+        assert res["codebook_dtype"] == "torch.float32" and res["rect_dtype"] == "torch.float32"

@@ -178,7 +178,9 @@ def _ckpt_worker(rank: int, port: int, ckpt_dir: str, results: dict) -> None:
             ModelConfig,
         )
         model = ReVQModel.from_config([4, 4, 4], cfg)
-        engine, _ = eng.build_engine(model, TrainConfig(batch_size=4, zero_stage=2), 1)
+        engine, _, _ = eng.build_engine(
+            model, TrainConfig(batch_size=4, zero_stage=2, codebook_update="dense"), 1
+        )
         out = engine(torch.randn(4, 4, 4, 4), None)
         engine.backward(out.loss)
         engine.step()
