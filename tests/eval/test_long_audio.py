@@ -167,7 +167,9 @@ def test_tokenize_and_detokenize_an_image_folder(tmp_path, tiny_assets):
     (src / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "tokens"
     argv = ["--model", str(tmp_path / "bundle"), "--input", str(src), "--output", str(out)]
-    assert cli(["tokenize", *argv, "--ray", "never"]) == 0
+    # 1 unreadable of 7 is over the default 10% limit (exit 1, manifest written); the flag accepts it
+    assert cli(["tokenize", *argv, "--ray", "never"]) == 1
+    assert cli(["tokenize", *argv, "--ray", "never", "--max-skip-fraction", "0.2"]) == 0
     manifest, items = read_tokens(out)
     assert manifest["count"] == 6 and len(manifest["skipped"]) == 1 and "broken.png" in manifest["skipped"][0]
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["tokens"] == 4
@@ -218,6 +220,8 @@ def test_tokenize_audio_through_ray_data_into_shards_and_back(tmp_path, ray_loca
                 "shards",
                 "--shard-size",
                 "2",
+                "--max-skip-fraction",  # 1 unreadable of 4: skipped and counted, accepted here
+                "0.3",
             ]
         )
         == 0
