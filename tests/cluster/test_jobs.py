@@ -92,6 +92,7 @@ def ray_head():
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
         RAY_DEDUP_LOGS="0",
+        RAY_raylet_start_wait_time_s="180",  # a loaded machine needs more than Ray's default minute
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
         TORCH_EXTENSIONS_DIR=os.environ.get(
