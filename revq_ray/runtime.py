@@ -27,6 +27,7 @@ __all__ = [
     "LOG_FORMAT",
     "absolute",
     "add_set_argument",
+    "dashboard_missing",
     "get_dotted",
     "get_logger",
     "init_ray",
@@ -135,6 +136,16 @@ def add_set_argument(
 
 
 # --------------------------------------------------------------------------------------------- Ray
+def dashboard_missing() -> str | None:
+    """Why Ray's dashboard cannot start here (the first of its packages that fails to import), or None.
+    The imports are Ray's own list (``ray.dashboard.optional_deps``), the one ``ray.init`` checks."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except Exception as err:  # an ImportError, or a broken install of one of them
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, *, include_dashboard: bool = True
 ) -> None:
@@ -148,7 +159,8 @@ def init_ray(
     The local instance advertises itself on the loopback address and keeps its dashboard on 127.0.0.1; Ray
     still opens its gRPC ports on all interfaces (it has no option to bind them to loopback), and its
     token authentication (on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise)
-    is what guards them.
+    is what guards them. Where the dashboard's packages are missing (a minimal Ray), it starts without the
+    dashboard and says so, whatever ``include_dashboard`` asks.
     """
     import ray
 
@@ -160,6 +172,15 @@ def init_ray(
         _log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     n = num_cpus or max(8, os.cpu_count() or 1)
+    missing = dashboard_missing() if include_dashboard else None
+    if missing:
+        # ray.init raises when include_dashboard=True meets a minimal Ray (no ray[default] extras: aiohttp,
+        # opencensus, ...), as on a bare GPU image that got Ray as a wheel (benchmarks/gpu_check.sh).
+        _log.warning(
+            "starting Ray without its dashboard: its packages are missing (%s); pip install 'ray[default]' "
+            "to have it", missing
+        )  # fmt: skip
+        include_dashboard = False
     # A busy laptop can take more than Ray's default minute to register the raylet.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     # The dashboard (another free port when 8265 is taken) serves the state API that Ray Train's

@@ -70,8 +70,10 @@ def worker_env(cfg: RunConfig) -> dict[str, str]:
         # Our progress line is printed once; Ray Train's print patch would log it a second time.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    if not cfg.train.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    # Always set, never inherited: a local Ray hands the driver's environment to its workers, so a driver
+    # that says DS_ACCELERATOR=cpu (the test suite, a CPU-only habit) would otherwise give GPU workers
+    # DeepSpeed's CPU accelerator (its CPU comm op, gloo) while the model sits on CUDA.
+    env["DS_ACCELERATOR"] = "cuda" if cfg.train.use_gpu else "cpu"
     return env
 
 
