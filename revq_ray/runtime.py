@@ -28,6 +28,7 @@ __all__ = [
     "absolute",
     "add_set_argument",
     "dashboard_missing",
+    "extensions_dir",
     "get_dotted",
     "get_logger",
     "init_ray",
@@ -136,6 +137,25 @@ def add_set_argument(
 
 
 # --------------------------------------------------------------------------------------------- Ray
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops are cached: ``$TORCH_EXTENSIONS_DIR`` when set, else one folder per
+    Python and torch version under ``~/.cache/revq_ray/torch_extensions``. An op loads only into the Python
+    and torch that built it, and torch reuses a build found under an explicit ``TORCH_EXTENSIONS_DIR``
+    without checking either (its own default folder names the Python, not torch), so environments of
+    several Pythons on one machine (``make test PYTHON=python3.12``) must not share one folder."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "none"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch_version}"
+    return Path.home() / ".cache" / "revq_ray" / "torch_extensions" / tag
+
+
 def dashboard_missing() -> str | None:
     """Why Ray's dashboard cannot start here (the first of its packages that fails to import), or None.
     The imports are Ray's own list (``ray.dashboard.optional_deps``), the one ``ray.init`` checks."""

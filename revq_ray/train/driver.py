@@ -23,11 +23,10 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
-from revq_ray.runtime import add_set_argument, get_logger, init_ray
+from revq_ray.runtime import add_set_argument, extensions_dir, get_logger, init_ray
 from revq_ray.train.identity import check_run_identity
 from revq_ray.train.plan import ensure_shards, plan_run, resolve_paths
 
@@ -46,8 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import ray.train
     from ray.train.torch import TorchTrainer
 
-DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "revq_ray" / "torch_extensions"
-
 
 _log = get_logger("revq_ray.train").info
 
@@ -65,7 +62,7 @@ def quiet_data_progress() -> None:
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """Environment of the training workers (DeepSpeed's accelerator and op cache, thread count)."""
     env = {
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
+        "TORCH_EXTENSIONS_DIR": str(extensions_dir()),
         "OMP_NUM_THREADS": str(cfg.train.torch_threads),
         # Our progress line is printed once; Ray Train's print patch would log it a second time.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",

@@ -88,3 +88,19 @@ def test_init_ray_starts_without_a_dashboard_when_its_packages_are_missing(tmp_p
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "STARTED-WITHOUT-DASHBOARD" in p.stdout, out[-4000:]
     assert "starting Ray without its dashboard" in out and "aiohttp" in out, out[-4000:]
+
+
+def test_jit_ops_are_cached_per_python_and_torch(monkeypatch):
+    """A DeepSpeed op built by one Python (or torch) does not load into another, and torch reuses what it
+    finds under an explicit TORCH_EXTENSIONS_DIR: the default folder names both, so 3.11 and 3.12
+    environments on one machine never share a build."""
+    from importlib.metadata import version
+
+    from revq_ray.runtime import extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{version('torch')}"
+    assert extensions_dir().name == tag and extensions_dir().parent.name == "torch_extensions"
+    assert worker_env(_cfg(use_gpu=False))["TORCH_EXTENSIONS_DIR"].endswith(tag)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
+    assert worker_env(_cfg(use_gpu=False))["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
