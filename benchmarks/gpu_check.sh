@@ -41,7 +41,7 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     # resolution (the folder is the closure; the image provides the rest).
     if "$PY" -m pip --version >/dev/null 2>&1; then
       env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
-        timeout 120 "$PY" -m pip install --quiet --no-index --no-deps --no-compile --disable-pip-version-check \
+        timeout 120 "$PY" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
         --target "$SITE" "$WHEELS"/*.whl || { echo "gpu_check: installing $WHEELS/*.whl failed" >&2; exit 3; }
     else
       # No pip in the image: a wheel is a zip; unpack it as pip --target would (modes kept, .data merged).
@@ -74,11 +74,12 @@ EOF
   fi
   export PYTHONPATH="$PWD/$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-"$PY" -c 'import ray, deepspeed, pydantic' 2>/dev/null || {
-  echo "gpu_check: $PY cannot import ray, deepspeed and pydantic: run bash benchmarks/gpu_wheels.sh" \
+if ! err=$("$PY" -c 'import ray, deepspeed, pydantic, ray.train.torch' 2>&1); then
+  echo "$err" | tail -4 >&2
+  echo "gpu_check: $PY cannot import ray, deepspeed and pydantic (above): run bash benchmarks/gpu_wheels.sh" \
     "(where pip reaches PyPI) and bring $WHEELS/ along, or use an environment from make venv" >&2
   exit 3
-}
+fi
 # DeepSpeed picks CUDA by itself; the training workers are told explicitly (revq_ray.train.driver.worker_env).
 unset DS_ACCELERATOR
 export RAY_DEDUP_LOGS=0

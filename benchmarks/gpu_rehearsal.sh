@@ -13,7 +13,14 @@
 # cut off (unshare --net, where the machine allows it; else pip's --no-index alone keeps it offline).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY312=${GPU_IMAGE_PYTHON:-$(command -v python3.12 || true)}
+PY312=${GPU_IMAGE_PYTHON:-}
+if [ -z "$PY312" ]; then  # python3.12 on PATH (a pyenv shim may not run here), else pyenv's own 3.12
+  for cand in "$(command -v python3.12 || true)" /usr/bin/python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    if [ -n "$cand" ] && "$cand" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      PY312=$cand; break
+    fi
+  done
+fi
 IMAGE=${GPU_IMAGE_VENV:-$HOME/.cache/revq_ray/gpu-image-py3.12}
 IMAGE_PKGS=(torch==2.11.0 numpy pyarrow pandas tensorboard huggingface_hub pytest)
 [ -n "$PY312" ] && "$PY312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null \
