@@ -49,6 +49,6 @@ if unshare --net true 2>/dev/null; then
   echo "gpu_rehearsal: the check runs without network (unshare --net; loopback only)"
 fi
 rm -rf .gl/site-py3.12  # install afresh: the rehearsal covers the install too
-# Rehearsal timeouts: 4x the GPU's (2 shared cores, Ray start and DeepSpeed's JIT build of its CPU op).
-"${NET[@]}" env PY="$IMAGE/bin/python" PIP_NO_INDEX=1 GPU_CHECK_TIMEOUT=1800 \
-  bash benchmarks/gpu_check.sh --device cpu --timeout-scale 4 "$@"
+# Rehearsal timeouts: 6x the GPU's (2 shared cores, Ray start and DeepSpeed's JIT build of its CPU op).
+"${NET[@]}" env PY="$IMAGE/bin/python" PIP_NO_INDEX=1 GPU_CHECK_TIMEOUT=3000 \
+  bash benchmarks/gpu_check.sh --device cpu --timeout-scale 6 "$@"

@@ -8,7 +8,9 @@ Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of th
     R/checkpoint_step000001234/   Ray Train checkpoints (DeepSpeed state of every rank + trainer_state.json)
     R/metrics.csv, R/tensorboard/ metrics of rank 0 (committed timeline: resumed steps are not listed twice)
     R/export/latest, R/export/best  save_pretrained exports (ReVQModel.from_pretrained loads them)
-    R/config.json, R/workers.json, R/starts.csv
+    R/config.json, R/starts.csv
+    R/workers.json                where each rank ran: node, host, pid, its parameters' device, DeepSpeed's
+                                  accelerator (cuda / cpu)
 
 Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores
 the run's checkpoint history from ``R``). ``output_dir`` may be a URI (s3://, gs://): checkpoints then live
