@@ -181,11 +181,13 @@ def part_memory(dev: str) -> dict:
 def part_ray(dev: str) -> dict:
     """The debug preset through Ray Train + DeepSpeed in bf16 on one device: fresh, then resumed."""
     from revq_ray.config import load_config
+    from revq_ray.runtime import dashboard_missing
     from revq_ray.train import run
 
     out = Path(tempfile.mkdtemp(prefix="revq_gpu_check_"))
     gpu = dev == "cuda"
-    res: dict = {"device": dev}
+    # A bare image lacks the dashboard's packages: init_ray then starts Ray without it (recorded here).
+    res: dict = {"device": dev, "dashboard_missing": dashboard_missing()}
     try:
         for phase, steps in (("fresh", 10), ("resumed", 20)):
             sets = {"name": "gpucheck", "output_dir": str(out), "data.shards": str(out / "shards"),

@@ -41,11 +41,11 @@ if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
     # resolution (the folder is the closure; the image provides the rest).
     if "$PY" -m pip --version >/dev/null 2>&1; then
       env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL PIP_CONFIG_FILE=/dev/null \
-        timeout 120 "$PY" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
+        timeout 300 "$PY" -m pip install --quiet --no-index --no-deps --disable-pip-version-check \
         --target "$SITE" "$WHEELS"/*.whl || { echo "gpu_check: installing $WHEELS/*.whl failed" >&2; exit 3; }
     else
       # No pip in the image: a wheel is a zip; unpack it as pip --target would (modes kept, .data merged).
-      timeout 120 "$PY" - "$SITE" "$WHEELS"/*.whl <<'EOF' || { echo "gpu_check: unpacking the wheels failed" >&2; exit 3; }
+      timeout 300 "$PY" - "$SITE" "$WHEELS"/*.whl <<'EOF' || { echo "gpu_check: unpacking the wheels failed" >&2; exit 3; }
 import os, shutil, sys, zipfile
 from pathlib import Path
 site = Path(sys.argv[1])
