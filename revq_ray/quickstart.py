@@ -509,9 +509,9 @@ def _prepare_env() -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault(
-        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions")
-    )
+    from revq_ray.runtime import extensions_dir
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))
 
 
 def default_threads() -> int:

@@ -27,6 +27,8 @@ __all__ = [
     "LOG_FORMAT",
     "absolute",
     "add_set_argument",
+    "dashboard_missing",
+    "extensions_dir",
     "get_dotted",
     "get_logger",
     "init_ray",
@@ -159,6 +161,35 @@ def add_set_argument(
 
 
 # --------------------------------------------------------------------------------------------- Ray
+def extensions_dir() -> Path:
+    """Where DeepSpeed's JIT-built ops are cached: ``$TORCH_EXTENSIONS_DIR`` when set, else one folder per
+    Python and torch version under ``~/.cache/revq_ray/torch_extensions``. An op loads only into the Python
+    and torch that built it, and torch reuses a build found under an explicit ``TORCH_EXTENSIONS_DIR``
+    without checking either (its own default folder names the Python, not torch), so environments of
+    several Pythons on one machine (``make test PYTHON=python3.12``) must not share one folder."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "none"
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch_version}"
+    return Path.home() / ".cache" / "revq_ray" / "torch_extensions" / tag
+
+
+def dashboard_missing() -> str | None:
+    """Why Ray's dashboard cannot start here (the first of its packages that fails to import), or None.
+    The imports are Ray's own list (``ray.dashboard.optional_deps``), the one ``ray.init`` checks."""
+    try:
+        import ray.dashboard.optional_deps  # noqa: F401
+    except Exception as err:  # an ImportError, or a broken install of one of them
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def init_ray(
     address: str | None = None, num_cpus: int | None = None, *, include_dashboard: bool = True
 ) -> None:
@@ -175,7 +206,8 @@ def init_ray(
     opens its gRPC ports on all interfaces (it has no option to bind them to loopback). Only the dashboard
     (HTTP, job submission) is bound to 127.0.0.1. What guards the open ports is Ray's token authentication,
     on by default for a new local cluster unless ``RAY_AUTH_MODE`` says otherwise: a client without the token
-    is refused. Do not turn it off on a machine others can reach.
+    is refused. Do not turn it off on a machine others can reach. Where the dashboard's packages are missing
+    (a minimal Ray), it starts without the dashboard and says so, whatever ``include_dashboard`` asks.
     """
     import ray
 
@@ -187,6 +219,15 @@ def init_ray(
         _log.info("joined Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     n = num_cpus or max(8, os.cpu_count() or 1)
+    missing = dashboard_missing() if include_dashboard else None
+    if missing:
+        # ray.init raises when include_dashboard=True meets a minimal Ray (no ray[default] extras: aiohttp,
+        # opencensus, ...), as on a bare GPU image that got Ray as a wheel (benchmarks/gpu_check.sh).
+        _log.warning(
+            "starting Ray without its dashboard: its packages are missing (%s); pip install 'ray[default]' "
+            "to have it", missing
+        )  # fmt: skip
+        include_dashboard = False
     # A busy laptop can take more than Ray's default minute to register the raylet.
     os.environ.setdefault("RAY_raylet_start_wait_time_s", "180")
     # The dashboard (another free port when 8265 is taken) serves the state API that Ray Train's

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from revq_ray.runtime import extensions_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared beside the checkout (CI has it, a user's clone does not). REVQ_SHARED overrides.
 SHARED = Path(os.environ.get("REVQ_SHARED", ROOT.parent / "shared"))
 
 # DeepSpeed on a machine without a GPU, and one cache for its JIT-compiled ops across test runs.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions"))
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extensions_dir()))  # one per Python + torch version
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")

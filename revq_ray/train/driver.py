@@ -8,7 +8,9 @@ Where things go (``R = <output_dir>/<name>``, the Ray Train storage folder of th
     R/checkpoint_step000001234/   checkpoints and R/export/{latest,best}: revq_ray/train/checkpoint.py says
                                   how and when (its Checkpointer writes them all)
     R/metrics.csv, R/tensorboard/ metrics of rank 0 (committed timeline: resumed steps are not listed twice)
-    R/config.json, R/workers.json, R/starts.csv
+    R/config.json, R/starts.csv
+    R/workers.json                where each rank ran: node, host, pid, its parameters' device, DeepSpeed's
+                                  accelerator (cuda / cpu)
 
 Re-running with the same ``name`` and ``output_dir`` resumes from the last checkpoint (Ray Train V2 restores
 the run's checkpoint history from ``R``). ``output_dir`` may be a URI (s3://, gs://): checkpoints then live
@@ -24,11 +26,10 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revq_ray.config import ConfigError, RunConfig, dump_config, load_config
-from revq_ray.runtime import add_set_argument, get_logger, init_ray
+from revq_ray.runtime import add_set_argument, extensions_dir, get_logger, init_ray
 from revq_ray.train.identity import check_run_identity
 from revq_ray.train.plan import check_storage, ensure_shards, plan_run, resolve_paths
 
@@ -42,8 +43,6 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     import ray.train
     from ray.train.torch import TorchTrainer
-
-DEFAULT_EXTENSIONS_DIR = Path.home() / ".cache" / "revq_ray" / "torch_extensions"
 
 
 _log = get_logger("revq_ray.train").info
@@ -62,13 +61,15 @@ def quiet_data_progress() -> None:
 def worker_env(cfg: RunConfig) -> dict[str, str]:
     """Environment of the training workers (DeepSpeed's accelerator and op cache, thread count)."""
     env = {
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(DEFAULT_EXTENSIONS_DIR)),
+        "TORCH_EXTENSIONS_DIR": str(extensions_dir()),
         "OMP_NUM_THREADS": str(cfg.train.torch_threads),
         # Our progress line is printed once; Ray Train's print patch would log it a second time.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    if not cfg.train.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
+    # Always set, never inherited: a local Ray hands the driver's environment to its workers, so a driver
+    # that says DS_ACCELERATOR=cpu (the test suite, a CPU-only habit) would otherwise give GPU workers
+    # DeepSpeed's CPU accelerator (its CPU comm op, gloo) while the model sits on CUDA.
+    env["DS_ACCELERATOR"] = "cuda" if cfg.train.use_gpu else "cpu"
     return env
 
 

@@ -194,12 +194,32 @@ def endless_batches(shard: Any, micro: int, cfg: RunConfig, device: torch.device
             )
 
 
+def _accelerator_name() -> str:
+    """DeepSpeed's accelerator on this worker ("cuda", "cpu"): what its collectives and ops run on."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
+def check_accelerator(device: torch.device, accelerator: str) -> None:
+    """Fail early when DeepSpeed's accelerator does not match the worker's device: a CUDA model under
+    DeepSpeed's CPU accelerator still trains (gloo collectives, the CPU comm op), slowly and silently."""
+    if device.type != accelerator:
+        raise RuntimeError(
+            f"DeepSpeed's accelerator is {accelerator!r} but the model is on {device} "
+            f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r} in this worker): the driver sets "
+            "DS_ACCELERATOR from train.use_gpu (revq_ray.train.driver.worker_env); a runtime_env or "
+            "cluster setting that overrides it must agree with train.use_gpu"
+        )
+
+
 def _write_run_files(run: Run, config: dict[str, Any]) -> None:
     """Rank 0: workers.json (where every rank runs), config.json, and the start line."""
     import ray
 
     me = {"rank": run.rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
-          "pid": os.getpid()}  # fmt: skip
+          "pid": os.getpid(), "param_device": str(next(run.module.parameters()).device),
+          "accelerator": _accelerator_name()}  # fmt: skip
     workers = run.coll.gather_objects(me)
     if run.rank != 0:
         return
@@ -228,6 +248,7 @@ def setup(config: dict[str, Any]) -> Run:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads)
     device = _device(cfg)
+    check_accelerator(device, _accelerator_name())
     coll = Collectives(device)
     t0 = time.perf_counter()
     checkpointer = ckpt.Checkpointer(

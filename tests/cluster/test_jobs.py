@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from revq_ray.runtime import extensions_dir
+
 # Minutes on an idle 2-core machine; far more when other Ray jobs share the cores.
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -95,9 +97,7 @@ def ray_head():
         RAY_raylet_start_wait_time_s="180",  # a loaded machine needs more than Ray's default minute
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
-        TORCH_EXTENSIONS_DIR=os.environ.get(
-            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "revq_ray" / "torch_extensions")
-        ),
+        TORCH_EXTENSIONS_DIR=str(extensions_dir()),
         # Job drivers launched by this head find the venv's python and ray first.
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     )

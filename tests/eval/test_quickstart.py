@@ -88,6 +88,23 @@ def test_make_sets_up_once_and_again_when_pyproject_changes(tmp_path):
     assert "pip install" in _make("-n", "test", f"VENV={venv}", cwd=tmp_path).stdout
 
 
+def test_make_keeps_one_environment_per_python(tmp_path):
+    """3.11 keeps .venv; 3.12 / 3.13 get .venv-3.12 / .venv-3.13, and the stamp names the version, so
+    `make test PYTHON=python3.12` never reuses a 3.11 environment. Other versions are refused."""
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    ver = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    venv = _make("-s", "print-VENV", f"PYTHON={sys.executable}", cwd=tmp_path).stdout.strip()
+    assert venv == (".venv" if ver == "3.11" else f".venv-{ver}")
+    stamp = _make("-s", "print-STAMP", f"PYTHON={sys.executable}", "VENV=env", cwd=tmp_path).stdout.strip()
+    assert stamp.startswith(f"env/.revq-ray-installed-py{ver}-"), stamp
+    old = shutil.which("python3.10") or "/root/.pyenv/versions/3.10.13/bin/python3.10"
+    if Path(old).is_file() and subprocess.run([old, "-V"], capture_output=True).returncode == 0:
+        refused = _make("venv", f"PYTHON={old}", "VENV=env310", cwd=tmp_path)
+        assert refused.returncode != 0 and "needs Python 3.11, 3.12 or 3.13" in refused.stderr
+        assert not (tmp_path / "env310").exists()
+
+
 def test_progress_filter_keeps_a_few_lines():
     from revq_ray.quickstart import ProgressFilter
 

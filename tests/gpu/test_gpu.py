@@ -4,6 +4,7 @@ auto search budget. Skipped where CUDA is absent (tests/gpu/conftest.py)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def test_debug_preset_trains_and_resumes_on_one_gpu(tmp_path):
     assert second.metrics["step"] == 20
     starts = (tmp_path / "gpu1" / "starts.csv").read_text().split()[1:]
     assert [int(s.split(",")[1]) for s in starts] == [0, 10]
+    # the model on CUDA and DeepSpeed's CUDA accelerator, though tests/conftest.py sets DS_ACCELERATOR=cpu
+    workers = json.loads((tmp_path / "gpu1" / "workers.json").read_text())
+    assert {(w["param_device"].split(":")[0], w["accelerator"]) for w in workers} == {("cuda", "cuda")}
 
 
 def test_zero2_on_two_gpus(tmp_path, gpus):

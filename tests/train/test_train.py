@@ -7,6 +7,7 @@ resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -57,6 +58,9 @@ def test_training_reduces_loss_and_ranks_agree(ray_local, latent_shards, tmp_pat
     rows = read_metrics(run_dir)
     steps = [int(r["step"]) for r in rows]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) % 3 == 0 and len(steps) >= 18
+    # where each rank's model and DeepSpeed's accelerator were (on a GPU run: cuda and cuda)
+    placed = json.loads((run_dir / "workers.json").read_text())
+    assert [(w["param_device"], w["accelerator"]) for w in placed] == [("cpu", "cpu")] * workers
     losses = [float(r["loss"]) for r in rows]
     spe = len(losses) // 3
     first, last = sum(losses[:spe]) / spe, sum(losses[-spe:]) / spe  # mean over the first and last epoch
@@ -246,7 +250,6 @@ def test_sigkill_of_a_non_zero_rank_repeats_and_loses_no_step(ray_local, latent_
     """Kill rank 1 of a 2-worker group from outside (SIGKILL, mid-run, not at a step boundary of our
     choosing): the group restarts from the last checkpoint, and the append-only step log shows every planned
     step committed exactly once (the rolled-back ones visibly redone), in agreement with metrics.csv."""
-    import json
     import os
     import signal
     import threading
