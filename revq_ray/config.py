@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from revq_ray.runtime import set_dotted
+from revq_ray.specs import RESET
 
 
 class ConfigError(ValueError):
@@ -38,21 +47,16 @@ def path_safe_name(v: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------- core
-class ResetConfig(Section):
-    """Non-activation reset of dead codes (ReVQ)."""
-
-    enabled: bool = True
-    dead_threshold: int = Field(
-        1, ge=1, description="a code with fewer hits than this since the last reset is dead"
-    )
-    ratio: float = Field(
-        0.2, gt=0.0, le=1.0, description="at most this fraction of a group's codes reset at once"
-    )
-    noise: float = Field(
-        0.1, ge=0.0, description="std of the Gaussian noise added to copied codes (standardized units)"
-    )
-    interval: int = Field(1, ge=1, description="reset every `interval` units")
-    unit: Literal["epochs", "steps"] = "epochs"
+ResetConfig = create_model(
+    "ResetConfig",
+    __base__=Section,
+    __doc__="Non-activation reset of dead codes (ReVQ): what a reset does (revq_ray.specs.RESET, shared with "
+    "the core's ResetParams) and when it runs.",
+    **{name: (spec.type, Field(spec.default, description=spec.description, **spec.bounds()))
+       for name, spec in RESET.items()},
+    interval=(int, Field(1, ge=1, description="reset every `interval` units")),
+    unit=(Literal["epochs", "steps"], "epochs"),
+)  # fmt: skip
 
 
 class QuantizerConfig(Section):

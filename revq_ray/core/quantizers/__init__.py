@@ -18,6 +18,7 @@ from revq_ray.core.quantizers.gq import GaussianQuant, gaussian_prior_samples
 from revq_ray.core.quantizers.grouped import GroupedVQ, ResetParams, kmeans_plus_plus, lloyd
 from revq_ray.core.quantizers.search import SearchPlan, estimate_peak_bytes, nearest_code, plan_search
 from revq_ray.core.quantizers.simvq import SimVQ
+from revq_ray.specs import RESET
 
 if TYPE_CHECKING:  # pragma: no cover - the bridge reads a config object; the core never imports pydantic
     from revq_ray.config import QuantizerConfig
@@ -74,9 +75,4 @@ def build_quantizer(cfg: QuantizerConfig, dim: int, reduce_fn: ReduceFn = no_red
 
 def _reset_params(reset: Any) -> ResetParams:
     """``ResetConfig`` (or anything with its fields) -> the quantizer's :class:`ResetParams`."""
-    return ResetParams(
-        enabled=bool(reset.enabled),
-        dead_threshold=int(reset.dead_threshold),
-        ratio=float(reset.ratio),
-        noise=float(reset.noise),
-    )
+    return ResetParams(**{name: spec.type(getattr(reset, name)) for name, spec in RESET.items()})

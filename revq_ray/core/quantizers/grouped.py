@@ -25,7 +25,8 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from revq_ray.core.quantizers.base import (
     usage_from_counts,
 )
 from revq_ray.core.quantizers.search import MB, nearest_code, resolve_budget_mb
+from revq_ray.specs import RESET
 
 log = logging.getLogger(__name__)
 
@@ -141,28 +143,24 @@ class CountsMixin:
         self.counts.zero_()
 
 
-@dataclass(frozen=True)
-class ResetParams:
-    """What a non-activation reset of :class:`GroupedVQ` does (the caller decides *when* it runs).
+def _check_reset(self: Any) -> None:
+    problems = [p for name, spec in RESET.items() if (p := spec.problem(name, getattr(self, name)))]
+    if problems:
+        raise ValueError("reset: " + "; ".join(problems))
 
-    ``revq_ray.config.ResetConfig`` holds the same fields plus the schedule (``interval``, ``unit``);
-    :func:`~revq_ray.core.quantizers.build_quantizer` copies them over.
-    """
 
-    enabled: bool = True
-    dead_threshold: int = 1
-    """A code with fewer hits than this since the last reset is dead."""
-    ratio: float = 0.2
-    """At most this fraction of a group's codes is reset at once."""
-    noise: float = 0.1
-    """Std of the Gaussian noise added to copied codes (standardized units)."""
-
-    def __post_init__(self) -> None:
-        if self.dead_threshold < 1 or not 0.0 < self.ratio <= 1.0 or self.noise < 0.0:
-            raise ValueError(
-                f"reset: need dead_threshold >= 1, 0 < ratio <= 1, noise >= 0; got {self.dead_threshold}, "
-                f"{self.ratio}, {self.noise}"
-            )
+ResetParams = make_dataclass(
+    "ResetParams",
+    [(name, spec.type, field(default=spec.default)) for name, spec in RESET.items()],
+    frozen=True,
+    namespace={"__post_init__": _check_reset},
+)
+ResetParams.__module__ = __name__
+ResetParams.__doc__ = """What a non-activation reset of :class:`GroupedVQ` does (the caller decides *when* it
+runs): ``enabled``, ``dead_threshold`` (a code with fewer hits since the last reset is dead), ``ratio`` (at
+most this fraction of a group's codes at once), ``noise`` (std added to copied codes). Built from
+:data:`revq_ray.specs.RESET`, as ``revq_ray.config.ResetConfig`` is: names, defaults and bounds are written
+once."""
 
 
 class GroupedVQ(CountsMixin, Quantizer):
