@@ -190,7 +190,7 @@ def part_ray(dev: str) -> dict:
     res: dict = {"device": dev, "dashboard_missing": dashboard_missing()}
     try:
         for phase, steps in (("fresh", 10), ("resumed", 20)):
-            sets = {"name": "gpucheck", "output_dir": str(out), "data.shards": str(out / "shards"),
+            sets = {"name": "gpucheck", "output_dir": str(out), "data.shards": "synthetic",
                     "train.use_gpu": str(gpu).lower(), "train.precision": "bf16", "train.max_failures": 0,
                     "train.cpus_per_worker": 1, "train.max_steps": steps}  # fmt: skip
             cfg = load_config(ROOT / "configs" / "debug.yaml", [f"{k}={v}" for k, v in sets.items()])

@@ -59,7 +59,6 @@ def _cfg(args, shards: Path, mode: str):
         "train.val_every": args.val_every,
         "train.checkpoint_every": args.steps,
         "train.cpus_per_worker": 0.5,
-        "train.synthetic_items": 0,
         "train.max_failures": 0,
         "train.codebook_update": mode,
     }

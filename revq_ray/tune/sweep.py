@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from revq_ray.config import ConfigError, RunConfig, apply_overrides, load_yaml, parse_config
-from revq_ray.runtime import absolute, get_logger, init_ray, is_uri, join_location
+from revq_ray.config import SYNTHETIC, ConfigError, RunConfig, apply_overrides, load_yaml, parse_config
+from revq_ray.runtime import absolute, get_logger, init_ray, is_uri, join_location, set_dotted
 from revq_ray.tune.config import TuneConfig, dump_tune_config, latent_numel, validate_space
 from revq_ray.tune.outputs import read_text, write_outputs, write_text
 from revq_ray.tune.trials import TrainerBuilder, make_trainable
@@ -59,7 +59,10 @@ def _prepare_base(tcfg: TuneConfig) -> dict[str, Any]:
 
     base_data = apply_overrides(load_yaml(tcfg.base), tcfg.overrides)
     base = parse_config(base_data, RunConfig)
-    ensure_shards(resolve_paths(base))
+    resolved = resolve_paths(base)
+    ensure_shards(resolved)
+    if base.data.shards == SYNTHETIC:  # every trial reads the copy written here, not one of its own
+        set_dotted(base_data, "data.shards", resolved.data.shards)
     numel = latent_numel(tcfg, base)
     if numel is None:
         raise ConfigError(

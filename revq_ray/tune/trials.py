@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from revq_ray.config import RunConfig, parse_config
+from revq_ray.config import SYNTHETIC, RunConfig, parse_config
 from revq_ray.runtime import absolute, get_dotted, is_uri, set_dotted
 from revq_ray.tune.config import BITS_METRIC, CODEBOOK_KEY, TOKENS_KEY, TuneConfig, codebook_size_for
 
@@ -21,7 +21,7 @@ def absolutize_local(data: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(data)
     for key in ("data.shards", "data.val_shards"):
         v = get_dotted(out, key)
-        if isinstance(v, str) and v:
+        if isinstance(v, str) and v and v != SYNTHETIC:
             set_dotted(out, key, absolute(v))
     vae = out.get("vae")
     if isinstance(vae, str) and ":" in vae:

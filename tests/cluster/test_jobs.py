@@ -136,12 +136,12 @@ def _wait_for_dashboard(address: str, env: dict, timeout: float = 60) -> None:
 def test_train_debug_preset_runs_as_a_job(ray_head, tmp_path):
     address, env = ray_head["address"], ray_head["env"]
     _wait_for_dashboard(address, env)
-    shards, out = tmp_path / "shards", tmp_path / "runs"
+    out = tmp_path / "runs"  # the debug preset's data.shards: synthetic, written under it
     job = subprocess.run(
         [
             RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
             "python", "-m", "revq_ray.train", "--config", "configs/debug.yaml",
-            "--set", f"data.shards={shards}", "--set", f"output_dir={out}", "--set", "name=job",
+            "--set", f"output_dir={out}", "--set", "name=job",
             "--set", "train.epochs=1", "--set", "train.synthetic_items=384", "--set", "data.val_items=32",
         ],
         env=env, capture_output=True, text=True, timeout=900,
@@ -151,7 +151,7 @@ def test_train_debug_preset_runs_as_a_job(ray_head, tmp_path):
     assert re.search(r"Job '\S+' succeeded", re.sub(r"\x1b\[[0-9;]*m", "", job.stdout + job.stderr)), logs
     said = job.stdout + job.stderr  # the whole log: `logs` is only its tail
     assert "joined Ray cluster" in said and "writing 384 synthetic latents" in said, logs
-    assert (shards / "manifest.json").is_file()
+    assert (out / "synthetic" / "384x16x8x8-seed0" / "manifest.json").is_file()
     run_dir = out / "job"
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -245,7 +245,7 @@ def _train_cfg(shards: str, name: str, **overrides):
     base = {
         "name": name, "output_dir": f"s3://{BUCKET}/runs", "data.shards": shards, "data.val_items": 32,
         "data.shuffle_buffer": 64, "model.quantizer.tokens": 256, "model.quantizer.codebook_size": 32,
-        "train.batch_size": 32, "train.log_every": 1, "train.synthetic_items": 0,
+        "train.batch_size": 32, "train.log_every": 1,
         "train.cpus_per_worker": 0.5, "train.num_workers": 2, "train.epochs": 2,
         "train.checkpoint_every": 3, "train.fail_at_step": 4, "train.max_failures": 1,
     }  # fmt: skip

@@ -22,7 +22,7 @@ def _debug_cfg(out: Path, name: str, **overrides):
     base = {
         "name": name,
         "output_dir": str(out),
-        "data.shards": str(out / "shards"),
+        "data.shards": "synthetic",
         "train.use_gpu": True,
         "train.precision": "bf16",
         "train.max_failures": 0,
