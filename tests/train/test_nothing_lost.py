@@ -186,8 +186,13 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(ray_local, latent_shards
     steps = [int(r["step"]) for r in read_metrics(run_dir)]
     assert steps == list(range(1, 9)), steps
     assert _complete_steps(run_dir) == [4, 6, 8]  # the damaged 6 was removed, then redone whole
-    redone = sorted((run_dir / "checkpoint_step000000006").rglob("*model_states.pt"))
-    assert [p.stat().st_size for p in redone] == [len(data)]
+    import pyarrow.fs as pafs
+
+    from revq_ray.train import checkpoint as ckpt
+
+    redone = run_dir / "checkpoint_step000000006"  # saved again whole (its size may differ by a few bytes)
+    assert ckpt.check_stored(pafs.LocalFileSystem(), str(redone)) == ""
+    assert all(p.stat().st_size > len(data) // 2 for p in redone.rglob("*model_states.pt"))
 
 
 def test_damaged_checkpoint_is_named_by_the_check(tmp_path):
