@@ -29,6 +29,7 @@ from typing import Any
 
 from revq_ray.data import fs as _fs
 from revq_ray.runtime import get_logger, is_uri
+from revq_ray.train.jit import _pid_alive  # the JIT owner lock's liveness check, one copy
 
 OWNER_FILE = "owner.json"
 HEARTBEAT_S = 30.0
@@ -38,16 +39,6 @@ _log = get_logger("revq_ray.train")
 
 class RunLockedError(RuntimeError):
     """Another live process is training this run (same name and output folder)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stale_s() -> float:

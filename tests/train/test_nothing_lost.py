@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from revq_ray.train.jit import _pid_alive
+
 from .conftest import ROOT, make_cfg, read_metrics
 
 pytestmark = pytest.mark.train
@@ -83,16 +85,6 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def test_one_owner_then_kill_9_resumes_from_the_newest_complete_checkpoint(tmp_path):
     """Issue 25.1 + 25.2: a second start of a running name stops at once naming the owner; the owner killed
     with SIGKILL (driver, controller and workers) leaves a stale lock and a checkpoint history Ray Train had
@@ -138,7 +130,7 @@ def test_one_owner_then_kill_9_resumes_from_the_newest_complete_checkpoint(tmp_p
     # machine; a legitimate newest checkpoint). Wait for it before reading what storage holds.
     workers = [w["pid"] for w in json.loads((run_dir / "workers.json").read_text())]
     gone = time.time() + 120
-    while time.time() < gone and any(_alive(pid) for pid in workers):
+    while time.time() < gone and any(_pid_alive(pid) for pid in workers):
         time.sleep(0.2)
     newest = _complete_steps(run_dir)[-1]
     assert json.loads((run_dir / "owner.json").read_text())["pid"] == first.pid  # left behind by the kill
