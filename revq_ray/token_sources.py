@@ -242,7 +242,7 @@ def _idx_labels(
             f"{src}: {n_labels} labels for {n_images} images in {images} (the labels file must belong to "
             "these images: pass the right one with --labels FILE, or --labels none)"
         )
-    labels = read_idx_labels(src, limit)
+    labels = read_idx_labels(src)  # all of them: the names and the checks do not depend on --limit
     names = class_names if class_names is not None else _default_names(labels, src)
     bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
     if bad.size:
@@ -251,7 +251,7 @@ def _idx_labels(
             f"{src}: label {int(labels[i])} of image {i} is out of range of the {len(names)} class names "
             f"{names[:12]} (give every class a name with --class-names)"
         )
-    return labels.tolist(), {"kind": "class", "names": names, "source": str(src)}
+    return labels[:limit].tolist(), {"kind": "class", "names": names, "source": str(src)}
 
 
 def _match_captions(
@@ -303,7 +303,7 @@ def build_source(
         src = Source("idx", [{"name": f"{i:0{width}d}", "path": str(p), "index": i} for i in range(n)])
         got = _idx_labels(p, n_all, labels, names_given, limit)
     else:
-        files = _list_files(p, modality)[:limit]
+        files = _list_files(p, modality)
         src = Source("files", [{"name": n, "path": str(f), "index": -1} for n, f in files])
         if labels not in LABEL_MODES:
             raise ValueError(
@@ -313,6 +313,10 @@ def build_source(
         got = None if labels == "none" or not p.is_dir() else _folder_labels(
             [it["name"] for it in src.items], labels, names_given, p
         )  # fmt: skip
+        # The layout is judged on every file, so --limit never changes the classes or their ids.
+        src.items = src.items[:limit]
+        if got is not None:
+            got = (got[0][:limit], got[1])
     if got is None and names_given is not None:
         raise ValueError(f"--class-names given, but --input {str(p)!r} has no class labels (see --labels)")
     if got is not None:

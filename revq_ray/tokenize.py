@@ -383,7 +383,7 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
                           ("augment", []), ("vocab", "per_position")):  # fmt: skip
         if not hasattr(args, name):  # a Namespace built by hand (older callers)
             setattr(args, name, default)
-    args.augment = [a for a in (args.augment or []) if a != "none"]
+    args.augment = sorted({a for a in (args.augment or []) if a != "none"})
     _check_args(args)
     remote = str(args.output) if is_uri(args.output) else None
     if remote:  # fail in seconds, before any model is loaded, when the store cannot take the output
@@ -423,6 +423,10 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
         if len(writer.items) % 1000 == 0:
             log(f"[tokenize] {len(writer.items)}/{n_out} items ({time.perf_counter() - t0:.0f}s)")
     writer.close()
+    if src.label_info is not None:  # counts of what was written (unreadable inputs are not in it)
+        names = src.label_info["names"]
+        counts = np.bincount([int(src.labels[i]) for i in originals], minlength=len(names))
+        src.label_info["count"] = {n: int(c) for n, c in zip(names, counts)}
     cb_meta = write_codebooks(probe.model, out / CODEBOOKS)
     manifest = {
         "format": FORMAT,

@@ -185,6 +185,11 @@ def test_image_folder_labels_flat_vocab_npy_and_detokenize(bundle, tiny_assets, 
     assert (
         run_tokenize("--model", str(path), "--input", str(src), "--output", str(out), "--vocab", "flat") == 0
     )
+    # --limit keeps the classes of the whole layout (the first 2 files are both in apple/)
+    from revq_ray.token_sources import build_source
+
+    two = build_source(src, "image", limit=2, log=lambda _m: None)
+    assert two.labels == [0, 0] and two.label_info["names"] == ["apple", "mango", "zebra"]
     # plain json + numpy
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["vocab"] == "flat" and manifest["vocab_size"] == 64 and manifest["dtype"] == "uint16"
@@ -270,6 +275,25 @@ def test_captions_jsonl_and_csv(bundle, tiny_assets, tmp_path):
     src_only = build_source(src, "image", labels="none", captions=str(jl), log=logs.append)
     assert src_only.label_info is None and src_only.captions[0] == "a cat, sitting"
     assert any("WARNING: 1 caption(s) name no input" in line for line in logs)
+
+
+def test_ray_data_path_writes_the_same_dataset(bundle, idx_dataset, ray_local, tmp_path):
+    """Above --ray-threshold inputs tokenize streams through Ray Data actors: the same items, ids, labels and
+    flip marks, in the same order, as in this process (the flipped rows come out of the actors' batches)."""
+    from revq_ray.cli import main as cli
+    from revq_ray.tokenize import read_tokens
+
+    idx = idx_dataset["out"].parent / "train-images-idx3-ubyte.gz"
+    out = tmp_path / "ray"
+    argv = ["--model", str(bundle[0]), "--input", str(idx), "--output", str(out), "--limit", "8"]
+    argv += ["--augment", "flip", "--ray", "always", "--workers", "1", "--format", "npy"]
+    assert cli(["tokenize", *argv]) == 0
+    _, ray_items = read_tokens(out)
+    _, local_items = read_tokens(idx_dataset["out"])
+    drop = ("file", "shard")
+    got = [({k: v for k, v in m.items() if k not in drop}, ids.tolist()) for m, ids in ray_items]
+    want = [({k: v for k, v in m.items() if k not in drop}, ids.tolist()) for m, ids in local_items]
+    assert len(got) == 16 and got == want
 
 
 # ------------------------------------------------------------------------------------------- codebooks
