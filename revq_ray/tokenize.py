@@ -211,9 +211,9 @@ class TokenizeFn:
             if it["path"] not in self._idx:
                 self._idx[it["path"]] = read_idx_images(it["path"], limit=self.limit)
             return self._idx[it["path"]][int(it["index"])]
-        from PIL import Image
+        from revq_ray.vae.images import open_image_capped
 
-        with Image.open(it["path"]) as im:
+        with open_image_capped(it["path"]) as im:  # a decompression bomb is refused from its header
             return np.asarray(im.convert("RGB"))
 
     def rows(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
