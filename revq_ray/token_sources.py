@@ -220,7 +220,7 @@ def _folder_labels(
             "(name every folder there, or leave --class-names out to use the sorted folder names)"
         )
     ids = {n: i for i, n in enumerate(class_names)}
-    info = {"kind": "class", "names": class_names, "source": "folders", "count": {}}
+    info = {"kind": "class", "names": class_names, "source": str(root), "from": "folders", "count": {}}
     return [ids[pp[0]] for pp in parts], info
 
 
@@ -251,7 +251,7 @@ def _idx_labels(
             f"{src}: label {int(labels[i])} of image {i} is out of range of the {len(names)} class names "
             f"{names[:12]} (give every class a name with --class-names)"
         )
-    return labels[:limit].tolist(), {"kind": "class", "names": names, "source": str(src)}
+    return labels[:limit].tolist(), {"kind": "class", "names": names, "source": str(src), "from": "idx1"}
 
 
 def _match_captions(

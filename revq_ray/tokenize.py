@@ -10,7 +10,7 @@ described in :mod:`revq_ray.token_sources`. ``tokenize`` writes, under ``--outpu
 
     manifest.json     {"format": "revq-ray-tokens", "version": 2, "tokenizer": {..., "tokens": T,
                        "codebook_size": K}, "vocab": "per_position" | "flat", "layout": "...", "dtype",
-                       "labels": {"kind": "class", "names": [...], "source", "count"} (when labelled),
+                       "labels": {"kind": "class", "names": [...], "source", "from", "count"} (labelled),
                        "captions": {"kind": "caption", "source", ...} (with --captions),
                        "augment": [] | ["flip"], "codebooks": "codebooks.safetensors",
                        "items": [{"key", "name", "shape", "label"?, "caption"?, "augment"?, "source_key"?,

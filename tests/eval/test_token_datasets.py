@@ -98,7 +98,10 @@ def test_idx_labels_and_flip(bundle, idx_dataset):
     assert manifest["labels"]["kind"] == "class" and manifest["labels"]["names"] == [
         str(i) for i in range(10)
     ]
-    assert manifest["labels"]["source"].endswith("train-labels-idx1-ubyte.gz")
+    assert (
+        manifest["labels"]["source"].endswith("train-labels-idx1-ubyte.gz")
+        and manifest["labels"]["from"] == "idx1"
+    )
     assert manifest["count"] == 16 and manifest["sources"] == 8 and manifest["limit"] == 8
     assert manifest["shards"] == [f"tokens-{i:06d}.tar" for i in range(4)]  # 16 items, 5 a shard
     assert manifest["codebooks"] == "codebooks.safetensors" and (out / "codebooks.safetensors").is_file()
@@ -194,7 +197,7 @@ def test_image_folder_labels_flat_vocab_npy_and_detokenize(bundle, tiny_assets, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["vocab"] == "flat" and manifest["vocab_size"] == 64 and manifest["dtype"] == "uint16"
     assert manifest["labels"] == {
-        "kind": "class", "names": ["apple", "mango", "zebra"], "source": "folders",
+        "kind": "class", "names": ["apple", "mango", "zebra"], "source": str(src), "from": "folders",
         "count": {"apple": 3, "mango": 3, "zebra": 3},
     }  # fmt: skip
     T, K = manifest["tokenizer"]["tokens"], manifest["tokenizer"]["codebook_size"]
