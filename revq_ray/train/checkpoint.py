@@ -7,7 +7,8 @@
   makes it), then ``complete.json`` and pruning (:meth:`Checkpointer.save`, :meth:`Checkpointer.commit`);
 - **restore** (collective): the newest complete, intact checkpoint in storage, falling back past damaged
   ones (:meth:`Checkpointer.restore`);
-- **export** (rank 0): ``export/latest`` and ``export/best`` (``save_pretrained``, swapped in atomically).
+- **export** (rank 0): ``export/latest`` and ``export/best`` (the model's ``save_pretrained`` through the
+  ``exporter`` it is given: a ReVQModel's by default, the prior's from revq_ray.prior; swapped in atomically).
 
 Where things go (``R = <storage>/<name>``, Ray Train's storage folder of the run; ``D`` the run's local
 folder, ``RunPlan.run_dir``)::

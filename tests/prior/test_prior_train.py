@@ -15,7 +15,8 @@ from revq_ray.config import ConfigError
 
 from .conftest import patterned_ids, write_token_dir
 
-pytestmark = [pytest.mark.train]
+# Two Ray Train runs (a fresh one and its resume): about a minute on an idle 2-core machine.
+pytestmark = [pytest.mark.train, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 
