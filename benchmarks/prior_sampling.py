@@ -86,6 +86,11 @@ def main() -> None:
             }
         )
         assert ids.shape == (args.n, tokens)
+        print(
+            f"guidance {guidance:g}: KV cache {args.n / kv_s:.2f} samples/s, full prefix "
+            f"{args.n_full / full_s:.3f} samples/s",
+            flush=True,
+        )
     n_params = sum(p.numel() for p in prior.parameters())
     print(
         f"prior: T={tokens} K={k} D={spec.d_model} layers={spec.layers} ({n_params:,} parameters), "

@@ -9,7 +9,8 @@
 - :mod:`revq_ray.prior.config`, :mod:`~revq_ray.prior.driver`, :mod:`~revq_ray.prior.loop`: training, on the
   tokenizer trainer's machinery (revq_ray.train: DeepSpeed engine, Checkpointer, Schedule, Reporter,
   run lock).
-- :mod:`revq_ray.prior.sampling`: :func:`load_prior`, :func:`sample` (ids) and ``revq-ray sample`` (images).
+- :mod:`revq_ray.prior.sampling`: :func:`load_prior`, :func:`sample` (ids), :func:`evaluate_nll` (a token
+  dataset's cross-entropy under the prior) and ``revq-ray sample`` (images).
 
 Importing this package imports neither torch, Ray nor DeepSpeed; the names below load on first use.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["PriorTransformer", "PriorSpec", "load_prior", "sample", "train", "main"]
+__all__ = ["PriorTransformer", "PriorSpec", "load_prior", "sample", "evaluate_nll", "train", "main"]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,7 +27,7 @@ def __getattr__(name: str) -> Any:
         from revq_ray.prior import model
 
         return getattr(model, name)
-    if name in ("load_prior", "sample"):
+    if name in ("load_prior", "sample", "evaluate_nll"):
         from revq_ray.prior import sampling as _sample
 
         return getattr(_sample, name)

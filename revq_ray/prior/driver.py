@@ -98,6 +98,22 @@ def model_spec(cfg: PriorRunConfig, data: TokenData) -> dict[str, Any]:
     }
 
 
+def check_tokens_location(cfg: PriorRunConfig) -> None:
+    """Seconds, before Ray starts: ``data.tokens`` names a token dataset (a folder with manifest.json, or a
+    URI, checked when it is read), else a ConfigError naming the field and the fix."""
+    from pathlib import Path
+
+    if not cfg.data.tokens:
+        raise ConfigError(
+            "data.tokens is empty: point it at a `revq-ray tokenize` output directory (--set data.tokens=DIR)"
+        )
+    if not is_uri(cfg.data.tokens) and not (Path(cfg.data.tokens) / "manifest.json").is_file():
+        raise ConfigError(
+            f"data.tokens={cfg.data.tokens}: no manifest.json there, so it is not a token dataset; write one "
+            "with `revq-ray tokenize --model TOKENIZER --input IMAGES --output DIR`"
+        )
+
+
 def plan_prior(
     cfg: PriorRunConfig, *, storage_path: str | None = None, run_name: str | None = None
 ) -> tuple[PriorPlan, TokenData]:
@@ -109,8 +125,7 @@ def plan_prior(
     from revq_ray.prior.loop import PriorPlan
     from revq_ray.train.engine import per_worker_batch
 
-    if not cfg.data.tokens:
-        raise ConfigError("data.tokens is empty: point it at a `revq-ray tokenize` output directory")
+    check_tokens_location(cfg)
     m = cfg.model
     data = load_token_dataset(
         cfg.data.tokens,
@@ -236,6 +251,7 @@ def run(
 
     from revq_ray.train.run_lock import RunLock
 
+    check_tokens_location(cfg)  # before the lock and Ray
     with RunLock(absolute(storage_path or cfg.output_dir), run_name or cfg.name):
         if not ray.is_initialized():
             init_ray(address)

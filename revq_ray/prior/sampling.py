@@ -120,6 +120,54 @@ def sample(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def evaluate_nll(
+    prior: PriorTransformer | str | Path, tokens: str | Path, *, batch_size: int = 64, limit: int = 0
+) -> dict[str, float]:
+    """The prior's cross-entropy on a token dataset (every item, conditioned on its label when the prior is
+    conditional): ``{"nll_per_token" (nats), "bits_per_image", "acc" (top-1 per token), "images"}``. The
+    dataset must come from the prior's tokenizer (T, K, weights) and carry labels when the prior is
+    conditional; otherwise a :class:`~revq_ray.prior.data.TokenDataError` names the file and the field."""
+    import math
+
+    from revq_ray.prior.data import load_token_dataset
+
+    model = prior if isinstance(prior, PriorTransformer) else load_prior(prior)
+    conditional = model.spec.num_classes > 0
+    data = load_token_dataset(
+        str(tokens), conditional="yes" if conditional else "no", augmented=False, limit=limit
+    )
+    where = f"{tokens}/manifest.json"
+    check_same_tokenizer(model.meta.get("tokenizer") or {}, _where(model), data.tokenizer, where)
+    if conditional and data.class_names != (model.meta.get("class_names") or data.class_names):
+        raise TokenDataError(
+            f"{where}: field 'labels.names' {data.class_names} differs from the prior's classes "
+            f"({_where(model)}: meta.class_names {model.meta.get('class_names')})"
+        )
+    device = model.class_emb.weight.device
+    nll = hits = n = 0.0
+    for i in range(0, len(data.ids), batch_size):
+        ids = torch.from_numpy(data.ids[i : i + batch_size]).to(device)
+        labels = torch.from_numpy(data.labels[i : i + batch_size]).to(device)
+        if not conditional:
+            labels = torch.full_like(labels, model.spec.null_class)
+        logits = model(ids, labels)
+        nll += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), ids.reshape(-1), reduction="sum"
+            )
+        )
+        hits += float((logits.argmax(-1) == ids).sum())
+        n += ids.numel()
+    per_token = nll / n
+    return {
+        "nll_per_token": per_token,
+        "bits_per_image": per_token * model.spec.tokens / math.log(2),
+        "acc": hits / n,
+        "images": len(data.ids),
+    }
+
+
 def check_tokenizer(prior: PriorTransformer, tok: Any, tokenizer_path: str) -> None:
     """Stop (ValueError naming the files and fields) unless ``tok`` is the tokenizer the prior was trained on:
     T and K, and its weights (:func:`~revq_ray.prior.data.tokenizer_model_sha256`) when the prior recorded

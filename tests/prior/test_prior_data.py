@@ -107,3 +107,20 @@ def test_a_dataset_of_another_tokenizer_is_refused():
             {"tokens": 8, "codebook_size": 6, "model_sha256": "b" * 64},
             "d/manifest.json",
         )
+
+
+def test_prior_command_stops_before_ray_without_a_token_dataset(tmp_path, capsys):
+    from pathlib import Path
+
+    from revq_ray.prior.driver import main
+
+    preset = str(Path(__file__).resolve().parents[2] / "configs" / "prior_debug.yaml")
+    out = f"output_dir={tmp_path}"
+    assert main(["--config", preset, "--set", out]) == 2
+    assert "data.tokens is empty" in capsys.readouterr().err
+    assert main(["--config", preset, "--set", out, "--set", f"data.tokens={tmp_path}"]) == 2
+    assert f"data.tokens={tmp_path}: no manifest.json there" in capsys.readouterr().err
+    assert main(["--config", preset, "--set", "model.bogus=1"]) == 2
+    assert "model.bogus: unknown key" in capsys.readouterr().err
+    assert main(["--config", preset, "--print-config"]) == 0
+    assert "d_model: 32" in capsys.readouterr().out

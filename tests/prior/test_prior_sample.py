@@ -142,3 +142,47 @@ def test_sample_refuses_bad_classes_and_other_tokenizers(tiny_tokenizers, tmp_pa
         == 0
     )
     assert len(list((tmp_path / "o2").glob("uncond_*.png"))) == 2
+
+
+def test_evaluate_nll_on_a_token_dataset_of_the_right_tokenizer_only(tiny_tokenizers, tmp_path):
+    import math
+
+    import numpy as np
+
+    from revq_ray.prior import evaluate_nll, load_prior
+    from revq_ray.prior.data import TokenDataError
+
+    from .conftest import patterned_ids, write_token_dir
+
+    _prior(tmp_path, tiny_tokenizers["main"])
+    prior = load_prior(tmp_path / "run")
+    ids, labels = patterned_ids(20, 4, 16, 3)
+    good = write_token_dir(
+        tmp_path / "good",
+        ids,
+        codebook_size=16,
+        labels=labels,
+        class_names=["a", "b", "c"],
+        tokenizer_model=str(tiny_tokenizers["main"]),
+    )
+    got = evaluate_nll(prior, good, batch_size=8)
+    assert got["images"] == 20 and math.isfinite(got["nll_per_token"])
+    assert got["bits_per_image"] == pytest.approx(got["nll_per_token"] * 4 / math.log(2))
+    # untrained: about log(K) nats per token
+    assert abs(got["nll_per_token"] - math.log(16)) < 0.5
+    other = write_token_dir(
+        tmp_path / "other",
+        ids,
+        codebook_size=16,
+        labels=labels,
+        class_names=["a", "b", "c"],
+        tokenizer_model=str(tiny_tokenizers["same_shape"]),
+    )
+    with pytest.raises(TokenDataError, match=r"other/manifest.json: the tokenizer .* other weights"):
+        evaluate_nll(prior, other)
+    small_k = write_token_dir(tmp_path / "k8", np.minimum(ids, 7), codebook_size=8, labels=labels)
+    with pytest.raises(TokenDataError, match=r"k8/manifest.json: field 'tokenizer.codebook_size' is 8"):
+        evaluate_nll(prior, small_k)
+    unlabelled = write_token_dir(tmp_path / "nolabels", ids, codebook_size=16)
+    with pytest.raises(TokenDataError, match=r"nolabels/manifest.json: field 'labels' .* conditional"):
+        evaluate_nll(prior, unlabelled)

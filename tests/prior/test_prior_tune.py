@@ -11,7 +11,8 @@ import pytest
 
 from .conftest import patterned_ids, write_token_dir
 
-pytestmark = [pytest.mark.tune, pytest.mark.slow, pytest.mark.timeout(1800)]
+# Two Train runs through Tune: about two minutes on a busy 2-core machine, so outside the default run.
+pytestmark = [pytest.mark.tune, pytest.mark.slow, pytest.mark.extended, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
 
