@@ -244,8 +244,9 @@ def setup(config: dict[str, Any]) -> PriorRun:
         keep=cfg.train.keep_checkpoints,
         exporter=export_prior,
     )
+    # Arrays from the object store are read-only views: each worker takes its own copy (torch.tensor copies).
     data = ray.get(plan.data)
-    codebooks = None if data.get("codebooks") is None else torch.from_numpy(data["codebooks"])
+    codebooks = None if data.get("codebooks") is None else torch.tensor(data["codebooks"])
     torch.manual_seed(cfg.seed)  # every rank initializes identically
     model = PriorTransformer(PriorSpec(**plan.spec), codebooks, meta=plan.meta).to(device)
     engine, _, _, _ = deepspeed.initialize(
@@ -269,7 +270,7 @@ def setup(config: dict[str, Any]) -> PriorRun:
         device=device,
         reduce_floats=coll.sum_floats,
     )
-    val = torch.from_numpy(data["val"])
+    val = torch.tensor(data["val"])
     run = PriorRun(
         cfg=cfg,
         plan=plan,
@@ -282,8 +283,8 @@ def setup(config: dict[str, Any]) -> PriorRun:
         schedule=schedule,
         reporter=reporter,
         checkpointer=checkpointer,
-        ids=torch.from_numpy(data["ids"]).long(),
-        labels=torch.from_numpy(data["labels"]).long(),
+        ids=torch.tensor(data["ids"], dtype=torch.long),
+        labels=torch.tensor(data["labels"], dtype=torch.long),
         train_rows=torch.nonzero(~val).flatten(),
         val_rows=torch.nonzero(val).flatten(),
     )
