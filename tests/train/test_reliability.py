@@ -158,7 +158,35 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _ckpt_worker(rank: int, port: int, ckpt_dir: str, results: dict) -> None:
+class _ResultFile(dict):
+    """A worker's results, written as JSON when the worker ends: no multiprocessing.Manager, whose server
+    process is forked from pytest (a fork of a process that ran Ray's gRPC threads can die at start-up)."""
+
+    def __init__(self, path: str, **initial: object):
+        super().__init__(initial)
+        self.path = path
+
+    def __enter__(self) -> _ResultFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Path(self.path).write_text(json.dumps(dict(self)))
+
+
+def _read_results(paths: list[Path]) -> dict:
+    out: dict = {}
+    for p in paths:
+        assert p.is_file(), f"{p.name}: the worker wrote no results (it died before its end)"
+        out.update(json.loads(p.read_text()))
+    return out
+
+
+def _ckpt_worker(rank: int, port: int, ckpt_dir: str, out: str, marker: str) -> None:
+    with _ResultFile(out, marker=marker) as results:
+        _ckpt_checks(port, ckpt_dir, results)
+
+
+def _ckpt_checks(port: int, ckpt_dir: str, results: dict) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
@@ -206,12 +234,10 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     marker = tmp_path / "payload-ran"
-    with mp.Manager() as manager:
-        results = manager.dict(marker=str(marker))
-        mp.start_processes(
-            _ckpt_worker, args=(port, str(tmp_path / "ckpt"), results), nprocs=1, start_method="spawn"
-        )
-        res = dict(results)
+    out = tmp_path / "results.json"
+    args = (port, str(tmp_path / "ckpt"), str(out), str(marker))
+    mp.start_processes(_ckpt_worker, args=args, nprocs=1, start_method="spawn")
+    res = _read_results([out])
     assert res["roundtrip"]
     assert not marker.exists(), "the planted payload ran on resume"
     assert res["error"].startswith("UntrustedCheckpointError"), res["error"]
@@ -222,8 +248,13 @@ def test_planted_pickle_in_a_checkpoint_does_not_run(tmp_path):
 RESUME_CASES = (("dense", 0), ("rows_lazy", 0), ("dense", 2), ("rows_lazy", 2))
 
 
-def _resume_worker(rank: int, port: int, root: str, results: dict) -> None:
+def _resume_worker(rank: int, port: int, root: str) -> None:
     """Two gloo ranks: 2 steps, save, a fresh engine loads, then one more step on both engines."""
+    with _ResultFile(str(Path(root, f"results-{rank}.json"))) as results:
+        _resume_checks(rank, port, root, results)
+
+
+def _resume_checks(rank: int, port: int, root: str, results: dict) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
     )
@@ -294,12 +325,8 @@ def test_two_rank_resume_restores_every_optimizer_state(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(
-            _resume_worker, args=(port, str(tmp_path), results), nprocs=2, start_method="spawn"
-        )
-        res = dict(results)
+    mp.start_processes(_resume_worker, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    res = _read_results([tmp_path / f"results-{r}.json" for r in range(2)])
     assert len(res) == 2 * len(RESUME_CASES), res
     for key, (n_moments, same_state, same_params) in sorted(res.items()):
         assert n_moments > 0, f"{key}: the optimizer had no state after 2 steps"
