@@ -197,36 +197,118 @@ def _run(cmd: list[str], log_file: Path) -> None:
 
 def prior_overrides(args: argparse.Namespace) -> list[str]:
     """The fixed prior recipe's overrides: the same for every row (only the token dataset differs)."""
-    return [f"train.max_steps={args.prior_steps}", *args.prior_set]
+    # epochs out of the way: the step budget ends every run (the preset's epochs: 1 would end it first)
+    return ["train.epochs=1000", f"train.max_steps={args.prior_steps}", *args.prior_set]
+
+
+def _tokenize_argv(row: str, out: Path, args: argparse.Namespace) -> list[str]:
+    """``revq-ray tokenize``'s arguments for a row: the first ``--prior-items`` training images, their labels
+    from the IDX1 file beside them (``--labels auto``), webdataset shards."""
+    img, _ = _idx(args.shared)
+    return [
+        "--model", _tokenizer_rec(row)["run_dir"], "--vae", vae_spec(args.shared), "--input", str(img),
+        "--limit", str(args.prior_items), "--output", str(out), "--format", "shards",
+    ]  # fmt: skip
+
+
+def read_latents(shards: Path, n: int) -> np.ndarray:
+    """The first ``n`` latents of a study_fmnist latent shard folder, in image order (key = image index)."""
+    import io
+    import tarfile
+
+    out: dict[int, np.ndarray] = {}
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, _, ext = Path(m.name).name.partition(".")
+                if ext == "latent.npy" and int(key) < n:
+                    out[int(key)] = np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
+    if sorted(out) != list(range(n)):
+        raise SystemExit(f"error: {shards} holds {len(out)} of the first {n} latents; run `tokenizers` first")
+    return np.stack([out[i] for i in range(n)]).astype(np.float32)
 
 
 def stage_tokens(row: str, args: argparse.Namespace) -> Path:
-    tok = OUT / row / "tokens"
-    if (tok / "manifest.json").is_file():
-        return tok
-    rec = _tokenizer_rec(row)
-    img, _ = _idx(args.shared)
+    """The prior's token dataset for a row (a `revq-ray tokenize` output directory).
+
+    ``--tokenize cli`` runs the command itself (the taef2 encode of every image again, per row). The default,
+    ``latents``, runs the same ``revq_ray.tokenize.tokenize`` (same item list, labels, manifest, codebooks)
+    with its encode step swapped for the latents study_fmnist's ``prepare`` already encoded from the same
+    images (same taef2, same 64 x 64 front end): on 2 shared cores the encode is ~10 minutes per row. The
+    swap is checked: the ids of the first 256 images through the image path are compared, recorded in
+    ``tokens/check.json``.
+    """
+    tok_dir = OUT / row / "tokens"
+    if (tok_dir / "manifest.json").is_file():
+        return tok_dir
     tmp = OUT / row / "tokens.partial"
     if tmp.exists():
         import shutil
 
         shutil.rmtree(tmp)
-    _run(
-        [
-            sys.executable, "-m", "revq_ray.tokenize", "--model", rec["run_dir"],
-            "--vae", vae_spec(args.shared), "--input", str(img), "--limit", str(args.prior_items),
-            "--output", str(tmp), "--format", "shards",
-        ],
-        OUT / row / "tokenize.log",
-    )  # fmt: skip
-    tmp.rename(tok)
-    return tok
+    argv = _tokenize_argv(row, tmp, args)
+    if args.tokenize == "cli":
+        _run([sys.executable, "-m", "revq_ray", "tokenize", *argv], OUT / row / "tokenize.log")
+        check = {"path": "revq-ray tokenize (images through taef2)"}
+    else:
+        check = _tokenize_from_latents(row, argv, args)
+    (tmp / "check.json").write_text(json.dumps(check, indent=2))
+    tmp.rename(tok_dir)
+    return tok_dir
+
+
+def _tokenize_from_latents(row: str, argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    import io
+
+    import study_fmnist as S
+    import torch
+
+    from revq_ray import tokenize as T
+    from revq_ray.tokenizer import Tokenizer
+
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    targs = T.build_parser().parse_args(argv)
+    tok = Tokenizer.from_pretrained(targs.model, vae=targs.vae)
+    latents = torch.from_numpy(read_latents(S.OUT / "latents" / "train", args.prior_items))
+    ids = torch.cat([tok.encode_latents(latents[i : i + 512]).cpu() for i in range(0, len(latents), 512)])
+    ids = ids.numpy()
+    dtype = T._id_dtype(T.vocab_size(tok.tokens, tok.codebook_size, "per_position"))
+    # the check: the image path (what the CLI runs) on the first 256 images
+    fn = T.TokenizeFn(targs.model, targs.vae, limit=args.prior_items)
+    img, _ = _idx(args.shared)
+    items = [{"i": i, "name": f"{i:05d}", "path": str(img), "index": i} for i in range(256)]
+    direct = np.stack([np.load(io.BytesIO(r["ids"])) for r in fn.rows(items)])
+    same = float((direct == ids[:256]).mean())
+
+    def stream(items: list[dict[str, Any]], _args: Any, _log: Any):
+        for it in items:
+            buf = io.BytesIO()
+            np.save(buf, ids[int(it["index"])].astype(dtype), allow_pickle=False)
+            meta = {"name": it["name"], "shape": [tok.tokens], "index": int(it["index"])}
+            yield {
+                "i": int(it["i"]),
+                "name": it["name"],
+                "ids": buf.getvalue(),
+                "meta": json.dumps(meta),
+                "error": "",
+            }
+
+    T._stream = stream  # the encode step only: items, labels, writer, manifest and codebooks are the CLI's
+    T.tokenize(targs, log=_log)
+    check = {
+        "path": "revq_ray.tokenize.tokenize with the encode step read from study_fmnist's latents",
+        "ids_equal_to_image_path_first_256": same,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    _log(f"{row}: tokens from latents; {100 * same:.2f}% of the first 256 images' ids equal the image path's")
+    return check
 
 
 def stage_prior(row: str, tokens: Path, args: argparse.Namespace) -> Path:
     out = OUT / "priors"
     name = f"prior_{row}"
-    done = out / name / "prior_done.json"
+    done = OUT / row / "prior.json"
     if done.is_file():
         return out / name
     cmd = [
@@ -251,11 +333,11 @@ def stage_sample(row: str, prior: Path, args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     _run(
         [
-            sys.executable, "-m", "revq_ray.sample", "--prior", str(prior), "--tokenizer", rec["run_dir"],
+            sys.executable, "-m", "revq_ray", "sample", "--prior", str(prior), "--tokenizer", rec["run_dir"],
             "--vae", vae_spec(args.shared), "--classes", ",".join(str(c) for c in range(10)),
             "--n", str(args.per_class), "--guidance", str(args.guidance),
             "--temperature", str(args.temperature),
-            "--seed", "0", "--output", str(out),
+            "--seed", "0", "--threads", str(args.threads), "--output", str(out),
         ],
         OUT / row / "sample.log",
     )  # fmt: skip
@@ -267,10 +349,9 @@ def read_samples(out: Path) -> tuple[np.ndarray, np.ndarray]:
     """The samples a `revq-ray sample` run wrote: images (N, H, W) uint8 and the class each was asked for."""
     from PIL import Image
 
-    meta = json.loads((out / "samples.json").read_text())
-    items = meta["items"]
-    images = np.stack([np.asarray(Image.open(out / it["file"]).convert("L")) for it in items])
-    return images, np.asarray([it["label"] for it in items], dtype=np.int64)
+    files = json.loads((out / "samples.json").read_text())["files"]  # <class:03d>_<i:04d>.png
+    images = np.stack([np.asarray(Image.open(out / f).convert("L")) for f in files])
+    return images, np.asarray([int(f.split("_")[0]) for f in files], dtype=np.int64)
 
 
 class Scorer:
@@ -365,7 +446,7 @@ def stage_report(args: argparse.Namespace) -> int:
     rows = []
     for row in ROWS:
         tok, score = _read(OUT / row / "tokenizer.json"), _read(OUT / row / "score.json")
-        prior = _read(OUT / "priors" / f"prior_{row}" / "prior_done.json")
+        prior = _read(OUT / row / "prior.json")
         sample = _read(OUT / row / "samples" / "sample_done.json")
         rows.append({"row": row, "tokenizer": tok, "prior": prior, "sampling": sample, "score": score})
         if score is not None:
@@ -457,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prior-items", type=int, default=10240, help="training images the prior trains on")
     p.add_argument("--prior-steps", type=int, default=1500)
     p.add_argument("--prior-set", action="append", default=[], help="more prior overrides (a.b=c), every row")
+    p.add_argument(
+        "--tokenize", choices=("latents", "cli"), default="latents", help="how the prior's tokens are made"
+    )
     p.add_argument("--per-class", type=int, default=50)
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--temperature", type=float, default=1.0)
