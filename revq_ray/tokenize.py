@@ -1,24 +1,55 @@
-"""``revq-ray tokenize`` / ``revq-ray detokenize``: a folder of images or audio <-> a token dataset.
+"""``revq-ray tokenize`` / ``revq-ray detokenize``: images or audio <-> a token dataset.
 
     revq-ray tokenize --model runs/quickstart/tokenizer --input photos/ --output tokens/
+    revq-ray tokenize --model runs/fashion_mnist_2048 --input train-images-idx3-ubyte.gz --output fm/ \
+        --augment flip --limit 10000          # labels from train-labels-idx1-ubyte.gz beside it
     revq-ray detokenize --model runs/quickstart/tokenizer --input tokens/ --output media/
 
-``tokenize`` writes, under ``--output``::
+Inputs, class labels (IDX1 files, ImageFolder sub-folders) and captions (``--captions`` .jsonl / .csv) are
+described in :mod:`revq_ray.token_sources`. ``tokenize`` writes, under ``--output``::
 
-    manifest.json     {"format": "revq-ray-tokens", "version": 1, "tokenizer": {...}, "layout": "...",
-                       "items": [{"key", "name", "shape", "length", "source_rate", "windows", "file"}],
-                       "skipped": [...], "shards": [...]}
-    ids/<key>.npy     (npy format) one array per input file: images (T,), audio (W, T) = W windows in time
-                      order, T ids each (see revq_ray.audio_tokens)
-    tokens-000000.tar (shards format) webdataset shards: <key>.ids.npy + <key>.json per input file
+    manifest.json     {"format": "revq-ray-tokens", "version": 2, "tokenizer": {..., "tokens": T,
+                       "codebook_size": K}, "vocab": "per_position" | "flat", "layout": "...", "dtype",
+                       "labels": {"kind": "class", "names": [...], "source", "from", "count"} (labelled),
+                       "captions": {"kind": "caption", "source", ...} (with --captions),
+                       "augment": [] | ["flip"], "codebooks": "codebooks.safetensors",
+                       "items": [{"key", "name", "shape", "label"?, "caption"?, "augment"?, "source_key"?,
+                                  "file" | "shard", ...}], "skipped": [...], "shards": [...]}
+    codebooks.safetensors  "codebooks_tkd" (T, K, d) float32: the vector of code k at token position t
+    ids/<key>.npy     (npy format) one array per item: images (T,), audio (W, T) = W windows in time order,
+                      T ids each (see revq_ray.audio_tokens)
+    tokens-000000.tar (shards format) webdataset shards: <key>.ids.npy + <key>.json per item (the json is the
+                      item's manifest entry: name, label, caption, augment, source_key)
 
-Ids are stored as uint16 when the codebook has at most 65,536 codes, else int32. ``--format auto`` writes
-``.npy`` files for up to 1,000 inputs and webdataset shards above. Inputs are read, tokenized and written as
-a stream: above ``--ray-threshold`` files (or with ``--ray always``) through Ray Data, one Tokenizer per actor
-(``--workers``), otherwise in this process. Unreadable files are skipped and counted in the manifest.
+**Vocabulary.** Each token position t has its own codebook of K codes. ``--vocab per_position`` (default):
+id k at position t means code k of codebook t, ids in [0, K). ``--vocab flat``: one vocabulary of T*K,
+id = t*K + k (an autoregressive model can then use one embedding table and one softmax). The code vectors
+are exported either way in ``codebooks.safetensors``: ``codebooks_tkd[t, k]`` is exactly the vector the
+tokenizer's decode looks up for id k at position t, before the latent layout and the rectifier (in the
+quantizer's units: standardized latents, or the VAE's raw units for GQ; ``units`` in the file's metadata).
+``embedding.weight = codebooks_tkd.reshape(T * K, d)`` matches the flat ids.
+
+**Labels.** A class-labelled item has ``"label"``: an index into ``manifest["labels"]["names"]``; a captioned
+one ``"caption"``; both are in the shards' per-item ``.json`` too, so readers without revq-ray see them.
+
+**Augmentation.** ``--augment flip`` also tokenizes each image mirrored left-right (LlamaGen extracts codes
+the same way); the flipped item follows its original, has ``"augment": "flip"``, ``"source_key"`` (its
+original's key) and the same label / caption. ``detokenize`` writes it as ``<name>_flip.png``.
+
+Ids are stored as uint16 when every id fits (K, or T*K for flat, at most 65,536), else int32.
+``--format auto`` writes ``.npy`` files for up to 1,000 items and webdataset shards above. Inputs are read,
+tokenized (images in batches) and written as a stream: above ``--ray-threshold`` inputs (or with ``--ray
+always``) through Ray Data, one Tokenizer per actor (``--workers``), otherwise in this process. Unreadable
+files are skipped and counted in the manifest.
+
+Reading a token dataset without revq-ray: ``npy`` format: ``json.load`` the manifest, ``np.load(root /
+item["file"])`` per item. Shards: any webdataset reader (``tarfile``: ``<key>.ids.npy`` through ``np.load``,
+``<key>.json`` through ``json.loads``), or Hugging Face ``datasets.load_dataset("webdataset",
+data_files=[...tars])`` (columns ``ids.npy`` and ``json``). :func:`read_tokens` does it here.
 
 ``detokenize`` reads such a directory back to media: ``<name>.png`` for images, ``<name>.wav`` for audio at
-the tokenizer's rate (``--source-rate`` resamples to each file's original rate and exact length).
+the tokenizer's rate (``--source-rate`` resamples to each file's original rate and exact length); flat ids are
+mapped back to per-position ids first (:func:`per_position_ids`).
 """
 
 from __future__ import annotations
@@ -40,100 +71,254 @@ import numpy as np
 from revq_ray.runtime import MAX_SKIP_FRACTION, skip_failure
 
 FORMAT = "revq-ray-tokens"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
-NPY_MAX_FILES = 1000  # --format auto: .npy files up to this many inputs, webdataset shards above
+CODEBOOKS = "codebooks.safetensors"
+VOCABS = ("per_position", "flat")
+AUGMENTS = ("flip",)
+NPY_MAX_FILES = 1000  # --format auto: .npy files up to this many items, webdataset shards above
+IMAGE_BATCH = 64  # images read and encoded together (one VAE batch)
 LAYOUT = (
     "images: (T,) ids of one image; audio: (W, T), W windows of window_samples samples in time order, "
-    "T ids each in the model's token order"
+    "T ids each in the model's token order; vocab per_position: id k at position t is code k of codebook t "
+    "(ids in [0, K)); vocab flat: id = t*K + k"
 )
 
 
 # ------------------------------------------------------------------------------------------- inputs
 def list_inputs(path: str | Path, modality: str) -> list[tuple[str, Path]]:
     """(name, file) for every image or audio file under ``path`` (sorted); name is the relative path."""
-    from revq_ray.vae.audio import list_audio_files
-    from revq_ray.vae.images import list_image_files
+    from revq_ray.token_sources import build_source
 
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"--input {str(p)!r} does not exist")
-    files = list_audio_files(p) if modality == "audio" else list_image_files(p)
-    if not files:
-        kind = "audio (.wav/.flac/...)" if modality == "audio" else "image (.png/.jpg/...)"
-        raise FileNotFoundError(f"--input {str(p)!r}: no {kind} files for this {modality} tokenizer")
-    return [(str(f.relative_to(p)) if p.is_dir() else f.name, f) for f in files]
+    src = build_source(path, modality, labels="none", log=lambda _m: None)
+    return [(it["name"], Path(it["path"])) for it in src.items]
 
 
-def _id_dtype(codebook_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+def _id_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id in [0, vocab_size) fits, else int32."""
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.int32)
+
+
+def vocab_size(tokens: int, codebook_size: int, vocab: str) -> int:
+    """The number of distinct ids: K per position, or T*K for the flat vocabulary."""
+    return codebook_size * (tokens if vocab == "flat" else 1)
+
+
+def to_flat_ids(ids: np.ndarray, codebook_size: int) -> np.ndarray:
+    """Per-position ids (..., T) -> flat ids t*K + k (int64)."""
+    t = np.arange(ids.shape[-1], dtype=np.int64)
+    return ids.astype(np.int64) + t * codebook_size
+
+
+def per_position_ids(ids: np.ndarray, manifest: dict[str, Any]) -> np.ndarray:
+    """Stored ids (..., T) -> per-position ids in [0, K) (int64), whatever the manifest's ``vocab``."""
+    ids = np.asarray(ids).astype(np.int64)
+    if manifest.get("vocab", "per_position") != "flat":
+        return ids
+    K = int(manifest["tokenizer"]["codebook_size"])
+    t = np.arange(ids.shape[-1], dtype=np.int64)
+    k = ids - t * K
+    if ids.size and (int(k.min()) < 0 or int(k.max()) >= K):
+        bad = np.argwhere((k < 0) | (k >= K))[0]
+        raise ValueError(
+            f"flat id {int(ids[tuple(bad)])} at position {int(bad[-1])} is outside [t*K, (t+1)*K) with "
+            f"K={K}: not a flat id of this tokenizer (check the manifest's vocab)"
+        )
+    return k
+
+
+def export_codebooks(model: Any, chunk: int = 4096) -> Any:
+    """A ReVQModel's code vectors as (T, K, d) float32: ``[t, k]`` = ``model.quantizer.codes`` of id k at t.
+
+    Gathered through the quantizer's own ``codes`` (what ``decode`` uses before the layout and the rectifier),
+    so every method's codebook is exported as decode sees it (SimVQ's mapped codes, GQ's shared prior)."""
+    import torch
+
+    q = model.quantizer
+    T, K, d = int(model.tokens), int(model.codebook_size), int(q.dim)
+    out = torch.empty(T, K, d, dtype=torch.float32)
+    with torch.no_grad():
+        for k0 in range(0, K, chunk):
+            k1 = min(K, k0 + chunk)
+            ids = torch.arange(k0, k1, device=model.standardizer.mean.device)[:, None].expand(-1, T)
+            out[:, k0:k1] = q.codes(ids).float().transpose(0, 1).cpu()
+    return out
+
+
+def write_codebooks(model: Any, path: Path) -> dict[str, Any]:
+    """Write ``codebooks.safetensors`` ("codebooks_tkd"); returns what the file's metadata says."""
+    from safetensors.torch import save_file
+
+    cb = export_codebooks(model)
+    meta = {
+        "units": "raw VAE latent units (GQ)"
+        if getattr(model, "_raw_units", False)
+        else "standardized latents",
+        "quantizer": str(model.cfg.quantizer.type),
+        "shape": "T, K, d",
+    }
+    save_file({"codebooks_tkd": cb.contiguous()}, str(path), metadata=meta)
+    return meta
 
 
 class TokenizeFn:
-    """Files -> ids with one Tokenizer (built once: in this process, or once per Ray Data actor)."""
+    """Items -> ids with one Tokenizer (built once: in this process, or once per Ray Data actor).
 
-    def __init__(self, model: str, vae: str | None, device: str = "cpu", batch_size: int = 32):
+    An item is {"i" (its position in the input), "name", "path", "index" (IDX position or -1)}; each
+    becomes one row {"i", "name", "ids" (npy bytes), "meta" (JSON), "error"}, plus a row for its mirror
+    image with ``augment=("flip",)``."""
+
+    def __init__(
+        self,
+        model: str,
+        vae: str | None,
+        device: str = "cpu",
+        batch_size: int = 32,
+        vocab: str = "per_position",
+        augment: Sequence[str] = (),
+        limit: int | None = None,
+    ):
         from revq_ray.tokenizer import Tokenizer
 
         self.tok = Tokenizer.from_pretrained(model, device=device, vae=vae)
-        self.batch_size = batch_size
-        self.dtype = _id_dtype(self.tok.codebook_size)
+        self.batch_size, self.vocab, self.augment, self.limit = batch_size, vocab, tuple(augment), limit
+        self.dtype = _id_dtype(vocab_size(self.tok.tokens, self.tok.codebook_size, vocab))
+        self._idx: dict[str, np.ndarray] = {}
 
-    def one(self, name: str, path: str) -> dict[str, Any]:
-        """One file -> {"name", "ids" (npy bytes), "meta" (JSON)}; ``error`` instead when unreadable."""
-        tok = self.tok
+    def _npy(self, arr: np.ndarray) -> bytes:
+        if self.vocab == "flat":
+            arr = to_flat_ids(arr, self.tok.codebook_size)
+        buf = io.BytesIO()
+        np.save(buf, arr.astype(self.dtype), allow_pickle=False)
+        return buf.getvalue()
+
+    @staticmethod
+    def _error(it: dict[str, Any], err: Exception) -> dict[str, Any]:
+        return {
+            "i": int(it["i"]),
+            "name": it["name"],
+            "ids": b"",
+            "meta": "",
+            "error": f"{type(err).__name__}: {err}",
+        }
+
+    def _image(self, it: dict[str, Any]) -> np.ndarray:
+        """One image as uint8 (H, W) gray or (H, W, 3) RGB."""
+        if int(it["index"]) >= 0:  # an IDX file, read once per process (the first --limit images)
+            from revq_ray.vae.images import read_idx_images
+
+            if it["path"] not in self._idx:
+                self._idx[it["path"]] = read_idx_images(it["path"], limit=self.limit)
+            return self._idx[it["path"]][int(it["index"])]
+        from revq_ray.vae.images import open_image_capped
+
+        with open_image_capped(it["path"]) as im:  # a decompression bomb is refused from its header
+            return np.asarray(im.convert("RGB"))
+
+    def rows(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Tokenize a batch of items (images in one encode call); unreadable ones become error rows."""
+        if self.tok.modality == "audio":
+            return [self._audio(it) for it in items]
+        good, images, out = [], [], []
+        for it in items:
+            try:
+                images.append(self._image(it))
+                good.append(it)
+            except Exception as err:  # corrupt input: skipped and counted, never fatal
+                out.append((int(it["i"]), 0, self._error(it, err)))
+        if not good:
+            return [r for _, _, r in out]
+        flip = "flip" in self.augment
+        views = [(img, np.ascontiguousarray(img[:, ::-1]) if flip else None) for img in images]
+        try:  # one VAE batch for the whole chunk (originals, then their mirror images)
+            flat = self.tok.encode(
+                [v for pair in views for v in pair if v is not None], batch_size=IMAGE_BATCH
+            )
+            per = 2 if flip else 1
+            encoded = [[flat[per * j + n].numpy() for n in range(per)] for j in range(len(good))]
+        except Exception:  # one odd image fails the batch: encode one at a time to find it
+            encoded = [None] * len(good)
+        for j, it in enumerate(good):
+            try:
+                ids = encoded[j] or [self.tok.encode(v)[0].numpy() for v in views[j] if v is not None]
+            except Exception as err:
+                out.append((int(it["i"]), 0, self._error(it, err)))
+                continue
+            for n, arr in enumerate(ids):
+                meta: dict[str, Any] = {"name": it["name"], "shape": list(arr.shape)}
+                if int(it["index"]) >= 0:
+                    meta["index"] = int(it["index"])
+                if n:
+                    meta["augment"] = "flip"
+                row = {"i": int(it["i"]), "name": it["name"], "ids": self._npy(arr), "error": ""}
+                out.append((int(it["i"]), n, {**row, "meta": json.dumps(meta)}))
+        return [r for _, _, r in sorted(out, key=lambda x: x[:2])]
+
+    def _audio(self, it: dict[str, Any]) -> dict[str, Any]:
         try:
-            meta: dict[str, Any] = {"name": name}
-            if tok.modality == "audio":
-                import soundfile as sf
+            import soundfile as sf
 
-                data, sr = sf.read(path, dtype="float32", always_2d=True)
-                ids = tok.encode(data.mean(axis=1), sample_rate=int(sr), batch_size=self.batch_size)
-                arr = ids.item_windows(0).numpy()
-                meta.update(length=int(ids.lengths[0]), source_rate=int(sr), source_length=len(data))
-                meta.update(windows=int(ids.windows[0]))
-            else:
-                from PIL import Image
-
-                with Image.open(path) as im:
-                    arr = tok.encode(im.convert("RGB"))[0].numpy()
+            data, sr = sf.read(it["path"], dtype="float32", always_2d=True)
+            ids = self.tok.encode(data.mean(axis=1), sample_rate=int(sr), batch_size=self.batch_size)
+            arr = ids.item_windows(0).numpy()
+            meta: dict[str, Any] = {"name": it["name"], "length": int(ids.lengths[0])}
+            meta.update(source_rate=int(sr), source_length=len(data), windows=int(ids.windows[0]))
             meta["shape"] = list(arr.shape)
-            buf = io.BytesIO()
-            np.save(buf, arr.astype(self.dtype), allow_pickle=False)
-            return {"name": name, "ids": buf.getvalue(), "meta": json.dumps(meta), "error": ""}
+            return {
+                "i": int(it["i"]),
+                "name": it["name"],
+                "ids": self._npy(arr),
+                "meta": json.dumps(meta),
+                "error": "",
+            }
         except Exception as err:  # corrupt input: skipped and counted, never fatal
-            return {"name": name, "ids": b"", "meta": "", "error": f"{type(err).__name__}: {err}"}
+            return self._error(it, err)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self.one(str(n), str(p)) for n, p in zip(batch["name"], batch["path"])]
-        return {k: np.array([r[k] for r in rows], dtype=object) for k in ("name", "ids", "meta", "error")}
+        items = [
+            {"i": int(i), "name": str(n), "path": str(p), "index": int(x)}
+            for i, n, p, x in zip(batch["i"], batch["name"], batch["path"], batch["index"])
+        ]
+        rows = self.rows(items)
+        cols = {k: np.array([r[k] for r in rows], dtype=object) for k in ("name", "ids", "meta", "error")}
+        return {**cols, "i": np.array([r["i"] for r in rows], dtype=np.int64)}
 
 
 def _stream(
-    items: list[tuple[str, Path]], args: argparse.Namespace, log: Callable[[str], None]
+    items: list[dict[str, Any]], args: argparse.Namespace, log: Callable[[str], None]
 ) -> Iterator[dict[str, Any]]:
     """Tokenized rows in input order: through Ray Data for large inputs, else in this process."""
     use_ray = args.ray == "always" or (args.ray == "auto" and len(items) > args.ray_threshold)
+    fn_args = (
+        args.model,
+        args.vae,
+        args.device,
+        args.batch_size,
+        args.vocab,
+        tuple(args.augment),
+        args.limit,
+    )
     if not use_ray:
-        fn = TokenizeFn(args.model, args.vae, args.device, args.batch_size)
-        for name, path in items:
-            yield fn.one(name, str(path))
+        fn = TokenizeFn(*fn_args)
+        for s in range(0, len(items), IMAGE_BATCH):
+            yield from fn.rows(items[s : s + IMAGE_BATCH])
         return
     import ray
 
     from revq_ray.runtime import init_ray
 
     init_ray()
-    ds = ray.data.from_items([{"name": n, "path": str(p)} for n, p in items])
+    ds = ray.data.from_items(items)
     ds = ds.map_batches(
         TokenizeFn,
-        fn_constructor_args=(args.model, args.vae, args.device, args.batch_size),
-        batch_size=16,
+        fn_constructor_args=fn_args,
+        batch_size=IMAGE_BATCH,
         concurrency=args.workers,
         num_cpus=1,
         batch_format="numpy",
     )
-    log(f"[tokenize] streaming {len(items)} files through Ray Data ({args.workers} tokenizer actor(s))")
+    log(f"[tokenize] streaming {len(items)} items through Ray Data ({args.workers} tokenizer actor(s))")
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # manifest order = input order
     yield from ds.iter_rows()
@@ -154,7 +339,8 @@ class _Writer:
         info.size, info.mtime = len(data), int(time.time())
         self._tar.addfile(info, io.BytesIO(data))
 
-    def write(self, ids: bytes, meta: dict[str, Any]) -> None:
+    def write(self, ids: bytes, meta: dict[str, Any]) -> str:
+        """Write one item; returns its key."""
         key = f"{len(self.items):08d}"  # webdataset keys hold no dots; the file's name is in the metadata
         meta = {"key": key, **meta}
         if not self.shards:
@@ -166,9 +352,10 @@ class _Writer:
                 self.shard_names.append(f"tokens-{len(self.shard_names):06d}.tar")
                 self._tar = tarfile.open(self.out / self.shard_names[-1], "w")  # noqa: SIM115 (closed in close)
             self._add(f"{key}.ids.npy", ids)
-            self._add(f"{key}.json", json.dumps(meta).encode())
+            self._add(f"{key}.json", json.dumps(meta).encode())  # label / caption / augment ride along
             meta["shard"] = self.shard_names[-1]
         self.items.append(meta)
+        return key
 
     def close(self) -> None:
         if self._tar is not None:
@@ -176,32 +363,71 @@ class _Writer:
             self._tar = None
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    if args.vocab not in VOCABS:
+        raise ValueError(f"--vocab {args.vocab!r}: choose one of {VOCABS}")
+    bad = [a for a in args.augment if a not in AUGMENTS]
+    if bad:
+        raise ValueError(f"--augment {bad[0]!r}: choose from {AUGMENTS}")
+
+
 def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ``revq-ray tokenize`` (see the module docstring); returns the manifest."""
     from revq_ray.data import fs as _fs
     from revq_ray.runtime import is_uri
+    from revq_ray.token_sources import build_source
     from revq_ray.tokenizer import Tokenizer
 
     t0 = time.perf_counter()
+    for name, default in (("labels", "auto"), ("class_names", None), ("captions", None), ("limit", None),
+                          ("augment", []), ("vocab", "per_position")):  # fmt: skip
+        if not hasattr(args, name):  # a Namespace built by hand (older callers)
+            setattr(args, name, default)
+    args.augment = sorted({a for a in (args.augment or []) if a != "none"})
+    _check_args(args)
     remote = str(args.output) if is_uri(args.output) else None
     if remote:  # fail in seconds, before any model is loaded, when the store cannot take the output
         _fs.check_location(remote, write=True)
     probe = Tokenizer.from_pretrained(args.model, vae=args.vae)  # shapes, modality; checks the model early
-    items = list_inputs(args.input, probe.modality)
-    shards = args.format == "shards" or (args.format == "auto" and len(items) > NPY_MAX_FILES)
+    if args.augment and probe.modality != "image":
+        raise ValueError(
+            f"--augment {','.join(args.augment)}: only for image tokenizers (this one is {probe.modality})"
+        )
+    src = build_source(
+        args.input, probe.modality, args.labels, args.class_names, args.captions, args.limit, log
+    )
+    items = [{"i": i, **it} for i, it in enumerate(src.items)]
+    n_out = len(items) * (1 + len(args.augment))
+    shards = args.format == "shards" or (args.format == "auto" and n_out > NPY_MAX_FILES)
     # A URI output is written into a local staging folder, then uploaded whole (manifest last).
     out = Path(tempfile.mkdtemp(prefix="revq_tokens_")) if remote else Path(args.output).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     writer, skipped = _Writer(out, shards, args.shard_size), []
-    log(f"[tokenize] {len(items)} {probe.modality} files from {args.input} with {probe!r}")
+    log(f"[tokenize] {len(items)} {probe.modality} items from {args.input} with {probe!r}")
+    originals: dict[int, str] = {}
     for row in _stream(items, args, log):
+        i = int(row["i"])
         if row["error"]:
             skipped.append(f"{row['name']}: {row['error']}")
             continue
-        writer.write(row["ids"], json.loads(row["meta"]))
-        if len(writer.items) % 500 == 0:
-            log(f"[tokenize] {len(writer.items)}/{len(items)} files ({time.perf_counter() - t0:.0f}s)")
+        meta = json.loads(row["meta"])
+        if src.labels is not None:
+            meta["label"] = int(src.labels[i])
+        if src.captions is not None and src.captions[i] is not None:
+            meta["caption"] = src.captions[i]
+        if meta.get("augment"):
+            meta["source_key"] = originals[i]
+        key = writer.write(row["ids"], meta)
+        if not meta.get("augment"):
+            originals[i] = key
+        if len(writer.items) % 1000 == 0:
+            log(f"[tokenize] {len(writer.items)}/{n_out} items ({time.perf_counter() - t0:.0f}s)")
     writer.close()
+    if src.label_info is not None:  # counts of what was written (unreadable inputs are not in it)
+        names = src.label_info["names"]
+        counts = np.bincount([int(src.labels[i]) for i in originals], minlength=len(names))
+        src.label_info["count"] = {n: int(c) for n, c in zip(names, counts)}
+    cb_meta = write_codebooks(probe.model, out / CODEBOOKS)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -214,14 +440,27 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
             "sample_rate": probe.sample_rate,
             "window_samples": probe.window_samples,
         },
+        "vocab": args.vocab,
+        "vocab_size": vocab_size(probe.tokens, probe.codebook_size, args.vocab),
         "layout": LAYOUT,
-        "dtype": str(_id_dtype(probe.codebook_size)),
+        "dtype": str(_id_dtype(vocab_size(probe.tokens, probe.codebook_size, args.vocab))),
         "input": str(args.input),
+        "limit": args.limit,
+        "augment": list(args.augment),
+        "codebooks": CODEBOOKS,
+        "codebooks_meta": cb_meta,
         "count": len(writer.items),
+        "sources": len(originals),  # input items tokenized (count includes their flipped copies)
         "skipped": skipped,
         "shards": writer.shard_names,
-        "items": writer.items,
     }
+    if src.label_info is not None:
+        manifest["labels"] = src.label_info
+    elif src.caption_info is not None:
+        manifest["labels"] = src.caption_info
+    if src.caption_info is not None:
+        manifest["captions"] = src.caption_info
+    manifest["items"] = writer.items
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if remote:
         _fs.upload_tree(out, remote, skip=(MANIFEST,))
@@ -229,7 +468,8 @@ def tokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> di
         shutil.rmtree(out, ignore_errors=True)
     where = f"{len(writer.shard_names)} webdataset shards" if shards else "ids/*.npy"
     log(
-        f"[tokenize] {len(writer.items)} files -> {where} + {MANIFEST} in {remote or out} "
+        f"[tokenize] {len(writer.items)} items ({len(originals)} inputs"
+        f"{' + flips' if args.augment else ''}) -> {where} + {MANIFEST} + {CODEBOOKS} in {remote or out} "
         f"({len(skipped)} unreadable skipped; {time.perf_counter() - t0:.1f}s)"
     )
     return manifest
@@ -247,6 +487,12 @@ def read_tokens(path: str | Path) -> tuple[dict[str, Any], Iterator[tuple[dict[s
     manifest = json.loads(mf.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{mf}: not a revq-ray token directory (format={manifest.get('format')!r})")
+    if manifest.get("version", 1) not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{mf}: token directory version {manifest.get('version')!r}; this revq-ray reads versions "
+            f"{READABLE_VERSIONS} (upgrade revq-ray, or re-run `revq-ray tokenize`)"
+        )
+    manifest.setdefault("vocab", "per_position")  # version 1 had per-position ids only
 
     def load(data: bytes) -> np.ndarray:
         return np.load(io.BytesIO(data), allow_pickle=False)
@@ -266,13 +512,14 @@ def read_tokens(path: str | Path) -> tuple[dict[str, Any], Iterator[tuple[dict[s
     return manifest, items()
 
 
-def _media_name(name: str, modality: str) -> str:
-    stem = str(Path(name).with_suffix(""))
+def _media_name(name: str, modality: str, augment: str | None = None) -> str:
+    stem = str(Path(name).with_suffix("")) + (f"_{augment}" if augment else "")
     return stem + (".wav" if modality == "audio" else ".png")
 
 
 class DetokenizeFn:
-    """(item metadata, ids) -> a media file under ``out`` (one Tokenizer per process or Ray Data actor)."""
+    """(item metadata, per-position ids) -> a media file under ``out`` (one Tokenizer per process or Ray Data
+    actor)."""
 
     def __init__(
         self,
@@ -293,7 +540,7 @@ class DetokenizeFn:
         from revq_ray.audio_tokens import AudioIds
 
         tok = self.tok
-        dst = self.out / _media_name(meta["name"], tok.modality)
+        dst = self.out / _media_name(meta["name"], tok.modality, meta.get("augment"))
         dst.parent.mkdir(parents=True, exist_ok=True)
         if tok.modality == "audio":
             from revq_ray.vae.audio import save_wav
@@ -333,7 +580,7 @@ def detokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     if not use_ray:
         fn = DetokenizeFn(model, vae, str(out), args.device, args.source_rate, args.vocoder)
         for meta, ids in items:
-            fn.one(meta, ids)
+            fn.one(meta, per_position_ids(ids, manifest))
             written += 1
     else:
         import ray
@@ -345,7 +592,7 @@ def detokenize(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
         def rows() -> Iterator[dict[str, Any]]:
             for meta, ids in items:
                 buf = io.BytesIO()
-                np.save(buf, ids, allow_pickle=False)
+                np.save(buf, per_position_ids(ids, manifest), allow_pickle=False)
                 yield {"meta": json.dumps(meta), "ids": buf.getvalue()}
 
         ds = ray.data.from_items(list(rows())).map_batches(
@@ -379,13 +626,44 @@ def build_parser() -> argparse.ArgumentParser:
         description="Images or audio -> token ids (.npy files or webdataset shards) + manifest.json.",
     )
     p.add_argument("--model", required=True, help="Tokenizer bundle (or a run/export dir with --vae)")
-    p.add_argument("--input", required=True, help="an image or audio folder, or one file")
+    p.add_argument(
+        "--input", required=True, help="an image or audio folder, one file, or an IDX3 images file (.gz too)"
+    )
     p.add_argument("--output", required=True, help="directory for ids and manifest.json")
     p.add_argument(
         "--format", choices=("auto", "npy", "shards"), default="auto", help="auto: npy <= 1000 files"
     )
     p.add_argument("--shard-size", type=int, default=1000, help="files per webdataset shard")
     p.add_argument("--batch-size", type=int, default=32, help="audio windows per VAE batch")
+    p.add_argument(
+        "--labels",
+        default="auto",
+        help="class labels: auto (an IDX1 file beside IDX images; class sub-folders when every file is in "
+        "one), folders, none, or an IDX1 labels FILE",
+    )
+    p.add_argument(
+        "--class-names",
+        default=None,
+        help="class names: a,b,c, a file (one a line) or fashion-mnist (default: folder names; for IDX, "
+        "Fashion-MNIST's when the labels path says 'fashion', else 0..N-1)",
+    )
+    p.add_argument(
+        "--captions", default=None, help="captions: a .jsonl ({file, text} a line) or .csv (file,text)"
+    )
+    p.add_argument("--limit", type=int, default=None, help="tokenize only the first N inputs")
+    p.add_argument(
+        "--augment",
+        action="append",
+        choices=("none", *AUGMENTS),
+        default=[],
+        help="flip: also write the ids of each image mirrored left-right (marked in the manifest)",
+    )
+    p.add_argument(
+        "--vocab",
+        choices=VOCABS,
+        default="per_position",
+        help="per_position: ids in [0, K) per position (default); flat: id = t*K + k in [0, T*K)",
+    )
     p.add_argument(
         "--max-skip-fraction",
         type=float,
@@ -424,7 +702,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     skipped = manifest["skipped"]
     failed = skip_failure(
-        len(skipped), manifest["count"] + len(skipped), args.max_skip_fraction, skipped[0] if skipped else ""
+        len(skipped),
+        manifest["sources"] + len(skipped),
+        args.max_skip_fraction,
+        skipped[0] if skipped else "",
     )
     if failed:
         print(f"revq-ray tokenize: error: {failed}", file=sys.stderr)
