@@ -8,6 +8,8 @@
     revq-ray compare ...    (python -m revq_ray.compare)
     revq-ray tokenize ...   (python -m revq_ray.tokenize)
     revq-ray detokenize ... (python -m revq_ray.detokenize)
+    revq-ray prior ...      (python -m revq_ray.prior: stage 2, a transformer prior on the ids)
+    revq-ray sample ...     (revq_ray.prior.sampling: the prior's samples as images)
     revq-ray vae ...        (python -m revq_ray.vae)
     revq-ray import-revq / export-revq ...  (revq_ray.published: the authors' published checkpoints)
 
@@ -40,6 +42,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export-revq": ("a revq-ray model -> the authors' ckpt.pth + yaml", "revq_ray.published.export_revq"),
     "tokenize": ("images / audio -> token ids (.npy or shards) + manifest", "revq_ray.tokenize"),
     "detokenize": ("token ids from tokenize -> images / audio", "revq_ray.detokenize"),
+    "prior": (
+        "train a class-conditional transformer prior on token ids (Ray Train + DeepSpeed)",
+        "revq_ray.prior",
+    ),
+    "sample": ("sample a trained prior: ids -> images (PNGs + a grid per class)", "revq_ray.prior.sampling"),
 }
 
 

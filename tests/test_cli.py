@@ -26,6 +26,8 @@ SUBCOMMANDS = [
     "export-revq",
     "tokenize",
     "detokenize",
+    "prior",
+    "sample",
 ]
 
 

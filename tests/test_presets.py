@@ -17,6 +17,10 @@ PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 
 
 def _load(path: Path):
+    if path.name.startswith("prior_"):
+        from revq_ray.prior.config import load_prior_config
+
+        return load_prior_config(path)
     if path.name.startswith("vae_"):
         from revq_ray.vae.train import VAETrainConfig
 

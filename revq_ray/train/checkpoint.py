@@ -7,7 +7,8 @@
   makes it), then ``complete.json`` and pruning (:meth:`Checkpointer.save`, :meth:`Checkpointer.commit`);
 - **restore** (collective): the newest complete, intact checkpoint in storage, falling back past damaged
   ones (:meth:`Checkpointer.restore`);
-- **export** (rank 0): ``export/latest`` and ``export/best`` (``save_pretrained``, swapped in atomically).
+- **export** (rank 0): ``export/latest`` and ``export/best`` (the model's ``save_pretrained`` through the
+  ``exporter`` it is given: a ReVQModel's by default, the prior's from revq_ray.prior; swapped in atomically).
 
 Where things go (``R = <storage>/<name>``, Ray Train's storage folder of the run; ``D`` the run's local
 folder, ``RunPlan.run_dir``)::
@@ -76,6 +77,7 @@ class TrainerState:
     epoch: int = 0
     step_in_epoch: int = 0
     best_val_mse: float | None = None
+    best_val_loss: float | None = None  # the prior's (revq_ray.prior): validation cross-entropy, nats/token
     world_size: int = 1
     resets: int = 0
     samples: int = 0
@@ -213,20 +215,14 @@ def load(
     return state
 
 
-def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
-    """``save_pretrained`` of a ReVQModel into ``out_dir`` atomically (write beside it, then swap), so a
-    reader never sees a half-written export. ``module`` is the live training module: its parameters are
-    full fp32 at ZeRO 0-2."""
+def write_dir_atomic(out_dir: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Fill the folder ``out_dir`` with ``write(tmp)`` atomically: ``write`` fills a temporary folder beside
+    it, which then replaces ``out_dir`` (a reader never sees a half-written folder)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    # ZeRO 1/2 turn the module's parameters into views of one flat buffer, which safetensors (rightly) refuses
-    # to save as is: export a fresh CPU copy of the model that owns its tensors.
-    state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-    copy_ = type(module)(list(module.latent_shape), module.cfg.model_dump(mode="json"))
-    copy_.load_state_dict(state)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        copy_.save_pretrained(str(tmp))
+        write(tmp)
         follow_umask(tmp)  # mkdtemp made it 0700: an export is for teammates too
         old = out.with_name(f".{out.name}.old")
         if old.exists():
@@ -238,6 +234,18 @@ def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def export_pretrained(module: torch.nn.Module, out_dir: str | os.PathLike) -> Path:
+    """``save_pretrained`` of a ReVQModel into ``out_dir`` atomically (write beside it, then swap), so a
+    reader never sees a half-written export. ``module`` is the live training module: its parameters are
+    full fp32 at ZeRO 0-2."""
+    # ZeRO 1/2 turn the module's parameters into views of one flat buffer, which safetensors (rightly) refuses
+    # to save as is: export a fresh CPU copy of the model that owns its tensors.
+    state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    copy_ = type(module)(list(module.latent_shape), module.cfg.model_dump(mode="json"))
+    copy_.load_state_dict(state)
+    return write_dir_atomic(out_dir, lambda tmp: copy_.save_pretrained(str(tmp)))
 
 
 # --------------------------------------------------------------------------------------------- in storage
@@ -411,11 +419,15 @@ class Checkpointer:
         storage: Ray Train's storage path (local or URI); ``name`` the run's name (its folder there).
         run_dir: the run's local folder (exports go under ``run_dir/export``).
         keep: ``train.keep_checkpoints``.
+        exporter: ``(module, folder) -> None`` writes an export of the live module (default: a ReVQModel's
+            :func:`export_pretrained`; the prior passes its own). Nothing else here depends on the model.
     """
 
     def __init__(self, rank: int, world: int, gather: Callable[[Any], list[Any]], *, storage: str, name: str,
-                 run_dir: str | os.PathLike, keep: int):  # fmt: skip
+                 run_dir: str | os.PathLike, keep: int,
+                 exporter: Callable[[torch.nn.Module, Path], Any] | None = None):  # fmt: skip
         self.rank, self.world, self.gather = rank, world, gather
+        self.exporter = exporter or export_pretrained
         self.storage, self.name, self.run_dir, self.keep = storage, name, Path(run_dir), keep
         self.engine: Any = None  # set by restore
         self.rows: Any = None
@@ -521,12 +533,12 @@ class Checkpointer:
 
     # ----------------------------------------------------------------------------------------- export
     def export(self, names: tuple[str, ...]) -> None:
-        """Rank 0: ``save_pretrained`` of the live model into ``run_dir/export/<name>`` for each name
+        """Rank 0: the exporter's copy of the live model into ``run_dir/export/<name>`` for each name
         (``latest``, ``best``)."""
         if self.rank != 0:
             return
         for name in names:
-            export_pretrained(self.engine.module, self.run_dir / "export" / name)
+            self.exporter(self.engine.module, self.run_dir / "export" / name)
 
     def exports(self) -> list[str]:
         """The exports this run has (``export/best``, ``export/latest``)."""

@@ -55,12 +55,13 @@ MAY_CHANGE = frozenset(
 )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(d: dict[str, Any], prefix: str = "", keep: frozenset[str] = MAY_CHANGE) -> dict[str, Any]:
+    """``{dotted key: value}`` of a nested dict; the dicts named in ``keep`` stay whole (one key)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and key not in MAY_CHANGE:
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, dict) and v and key not in keep:
+            out.update(_flatten(v, key + ".", keep))
         else:
             out[key] = v
     return out
@@ -100,22 +101,30 @@ def _short(v: Any) -> str:
 def check_run_identity(cfg: RunConfig, storage_path: str, name: str) -> None:
     """Record ``cfg``'s identity in ``<storage_path>/<name>``, or raise :class:`ConfigError` when that run
     already has a checkpoint written under other settings (unless ``train.force_resume``)."""
+    # A key added to the config after the run started is not a change when it holds its default (the
+    # default keeps the old meaning, e.g. model.layout=contiguous): upgrading revq-ray keeps runs resumable.
+    defaults = _flatten(RunConfig().model_dump(mode="json"))
+    check_identity(run_identity(cfg), storage_path, name, force=cfg.train.force_resume, defaults=defaults)
+
+
+def check_identity(
+    new: dict[str, Any], storage_path: str, name: str, *, force: bool, defaults: dict[str, Any]
+) -> None:
+    """The rule of :func:`check_run_identity` for any identity ``{dotted key: value}`` (the prior's too):
+    record it in ``<storage_path>/<name>``, or raise :class:`ConfigError` listing the keys that differ from
+    the recorded one when the run has a checkpoint (unless ``force``). A key missing from the recorded
+    identity that holds its value in ``defaults`` is no change."""
     fs, root = _fs.resolve(storage_path)
     run_root = _fs.join(root, name)
     path = _fs.join(run_root, IDENTITY_FILE)
-    new = run_identity(cfg)
     if _fs.is_file(fs, path) and _has_checkpoint(fs, run_root):
         old = json.loads(_fs.read_bytes(fs, path))
-        # A key added to the config after the run started is not a change when it holds its default (the
-        # default keeps the old meaning, e.g. model.layout=contiguous): upgrading revq-ray keeps runs
-        # resumable.
-        defaults = _flatten(RunConfig().model_dump(mode="json"))
         diff = [
             f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}"
             for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not (k not in old and k in defaults and new[k] == defaults[k])
         ]
-        if diff and not cfg.train.force_resume:
+        if diff and not force:
             raise ConfigError(
                 f"run {name} already exists in {storage_path} with other settings: {'; '.join(diff)}. "
                 "Choose another name (or output_dir) for a new run, or pass --set train.force_resume=true "

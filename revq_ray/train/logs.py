@@ -62,7 +62,8 @@ def _fmt(v: Any) -> str:
 class RunLogger:
     """Writes ``<run_dir>/metrics.csv`` and ``<run_dir>/tensorboard``; only rank 0 creates one."""
 
-    def __init__(self, run_dir: str | os.PathLike, start_step: int):
+    def __init__(self, run_dir: str | os.PathLike, start_step: int, columns: list[str] | None = None):
+        self.columns = list(columns or COLUMNS)
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.run_dir / METRICS_FILE
@@ -89,15 +90,15 @@ class RunLogger:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= start_step]
         tmp = self.csv_path.with_suffix(".csv.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, self.csv_path)
 
     def log(self, metrics: dict[str, Any]) -> None:
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore").writerow(
-                {k: _fmt(metrics.get(k)) for k in COLUMNS}
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: _fmt(metrics.get(k)) for k in self.columns}
             )
         if self._tb is not None:
             step = int(metrics["step"])
@@ -209,6 +210,7 @@ class Reporter:
     """
 
     report_interval_s = float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
+    columns = COLUMNS  # metrics.csv's columns (a subclass for another model names its own)
 
     def __init__(self, *, run_dir: Path, rank: int, samples_per_step: int, total_steps: int,
                  steps_per_epoch: int, start_step: int, device: Any, reduce_floats: Any,
@@ -221,7 +223,7 @@ class Reporter:
         self.samples_per_step, self.total, self.spe = samples_per_step, total_steps, steps_per_epoch
         self.start_step = start_step
         self.reduce_floats = reduce_floats  # list[float] -> list[float], summed over ranks
-        self.logger = RunLogger(self.run_dir, start_step) if rank == 0 else None
+        self.logger = RunLogger(self.run_dir, start_step, self.columns) if rank == 0 else None
         self.steplog = StepLog(self.run_dir, start_step) if rank == 0 else None
         self.win = torch.zeros(3, dtype=torch.float64, device=device)  # loss, quant part, rect
         self.extra: dict[str, Any] = {}
@@ -288,7 +290,7 @@ class Reporter:
             eta = (
                 (self.total - metrics["step"]) * (time.perf_counter() - self.run_t0) / rate if rate else None
             )
-            _log.info(progress_line(metrics, self.total, eta))
+            _log.info(self.progress_line(metrics, eta))
         if due_ray or checkpoint is not None:
             ray.train.report(
                 metrics,
@@ -299,6 +301,10 @@ class Reporter:
         self.win.zero_()
         self.extra, self.win_steps, self.reset_codes = {}, 0, 0
         self.win_t0 = time.perf_counter()
+
+    def progress_line(self, metrics: dict[str, Any], eta_s: float | None) -> str:
+        """The line logged for each report (:func:`progress_line`)."""
+        return progress_line(metrics, self.total, eta_s)
 
     def close(self) -> None:
         if self.logger is not None:

@@ -28,6 +28,7 @@ from revq_ray.config import (
 from revq_ray.runtime import get_dotted, set_dotted
 
 TOKENS_KEY = "model.quantizer.tokens"
+TOKENIZER, PRIOR = "tokenizer", "prior"
 CODEBOOK_KEY = "model.quantizer.codebook_size"
 BITS_METRIC = "bits_per_sample"
 # Keys a sweep sets itself: sampling them would be silently overwritten.
@@ -184,6 +185,35 @@ class TuneConfig(Section):
         return self.metrics[0]
 
 
+def target_of(base_data: dict[str, Any]) -> str:
+    """What a sweep's trials train, from its base preset: the stage-2 prior (a ``configs/prior_*.yaml``:
+    ``data.tokens``, trained by :mod:`revq_ray.prior`) or the tokenizer (anything else, revq_ray.train)."""
+    from revq_ray.prior.config import is_prior_preset
+
+    return PRIOR if is_prior_preset(base_data) else TOKENIZER
+
+
+def root_config(target: str) -> type[BaseModel]:
+    """The config tree a trial of ``target`` is validated against."""
+    if target == PRIOR:
+        from revq_ray.prior.config import PriorRunConfig
+
+        return PriorRunConfig
+    return RunConfig
+
+
+def default_builder(target: str) -> Any:
+    """``build_trainer(cfg, *, storage_path, run_name, callbacks)`` of ``target``: the tokenizer's
+    (:func:`revq_ray.train.driver.build_trainer`) or the prior's
+    (:func:`revq_ray.prior.driver.build_trainer`),
+    the ones their own commands use."""
+    if target == PRIOR:
+        from revq_ray.prior.driver import build_trainer
+    else:
+        from revq_ray.train.driver import build_trainer
+    return build_trainer
+
+
 def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
@@ -257,16 +287,25 @@ def latent_numel(tcfg: TuneConfig, base: RunConfig) -> int | None:
 def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | None) -> None:
     """Check every space key and value against the config tree and the latent geometry.
 
-    Raises :class:`ConfigError` naming the key (and the value) at fault.
+    Raises :class:`ConfigError` naming the key (and the value) at fault. A prior's sweep (:func:`target_of`)
+    checks its keys against :class:`~revq_ray.prior.config.PriorRunConfig`; the tokens, codebook and bits
+    rules are the tokenizer's and do not apply to it.
     """
+    target = target_of(base_data)
+    root = root_config(target)
     for key in tcfg.space:
-        check_dotted_key(key)
+        check_dotted_key(key, root)
         if key in RESERVED_KEYS:
             raise ConfigError(
                 f"space key {key!r} is set by the sweep itself (use resources_per_trial / name)"
             )
         if tcfg.asha.enabled and key in ("train.epochs", "train.max_steps"):
             raise ConfigError(f"space key {key!r}: trial length comes from asha.max_t while asha is enabled")
+    if target == PRIOR:
+        if tcfg.bits_budget is not None:
+            raise ConfigError("bits_budget: a prior's sweep has no codebook to size (the tokens fix it)")
+        _check_values(tcfg, base_data, root)
+        return
     if tcfg.bits_budget is not None and CODEBOOK_KEY in tcfg.space:
         raise ConfigError(
             f"space key {CODEBOOK_KEY!r}: bits_budget={tcfg.bits_budget} already fixes the codebook size "
@@ -296,7 +335,13 @@ def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | Non
                     "gives "
                     f"codebook_size=2**{round(bits_per_token)}; keep it between 2**1 and 2**24"
                 )
-    # Every value must make a valid RunConfig on its own (types, bounds, cross-field rules).
+    _check_values(tcfg, base_data, RunConfig, base_tokens)
+
+
+def _check_values(
+    tcfg: TuneConfig, base_data: dict[str, Any], root: type[BaseModel], base_tokens: int = 0
+) -> None:
+    """Every value must make a valid training config on its own (types, bounds, cross-field rules)."""
     for key, dist in tcfg.space.items():
         for value in dist.endpoints():
             trial = copy.deepcopy(base_data)
@@ -305,7 +350,7 @@ def validate_space(tcfg: TuneConfig, base_data: dict[str, Any], numel: int | Non
                 t = int(get_dotted(trial, TOKENS_KEY, base_tokens))
                 set_dotted(trial, CODEBOOK_KEY, codebook_size_for(tcfg.bits_budget, t))
             try:
-                parse_config(trial, RunConfig)
+                parse_config(trial, root)
             except ConfigError as err:
                 raise ConfigError(
                     f"space key {key!r} value {value!r} makes an invalid training config: {err}"
@@ -334,11 +379,11 @@ def load_tune_config(
     base_path = resolve_base_path(tcfg, path)
     try:
         base_data = apply_overrides(load_yaml(base_path), tcfg.overrides)
-        base = parse_config(base_data, RunConfig)
+        base = parse_config(base_data, root_config(target_of(base_data)))
     except ConfigError as err:
         raise ConfigError(f"{path}: base {base_path}: {err}") from None
-    numel = latent_numel(tcfg, base)
-    if numel is None and check_data:
+    numel = latent_numel(tcfg, base) if target_of(base_data) == TOKENIZER else 0
+    if numel is None and check_data:  # (0: a prior's sweep, which has no latents)
         raise ConfigError(
             f"{path}: cannot read the latent shape: set latent_shape in the preset, or point the base's "
             f"data.shards (now {base.data.shards!r}) at a finished shard directory"

@@ -14,10 +14,13 @@ from revq_ray.runtime import get_logger, join_location
 from revq_ray.tune.config import (
     BITS_METRIC,
     CODEBOOK_KEY,
+    PRIOR,
     TOKENS_KEY,
     TuneConfig,
     codebook_size_for,
     pareto_front,
+    root_config,
+    target_of,
 )
 from revq_ray.tune.plots import plot_pareto, plot_sweep
 from revq_ray.tune.trials import trial_config_data
@@ -141,13 +144,15 @@ def write_outputs(tcfg: TuneConfig, grid: Any, base_data: dict[str, Any], sweep_
             output_dir=str(base_data.get("output_dir", RunConfig().output_dir)),
             trial=False,
         )
-        cfg = parse_config(data, RunConfig)
+        target = target_of(base_data)
+        cfg = parse_config(data, root_config(target))
         length = f"{tcfg.asha.max_t} {tcfg.asha.time_attr}s" if tcfg.asha.enabled else "the base's length"
+        command = "python -m revq_ray.prior" if target == PRIOR else "python -m revq_ray.train"
         header = (
             f"# Best trial of sweep {tcfg.name!r} (base {tcfg.base}): trial {best['trial_id']}, "
             f"{primary}={best[primary]:.6g} after {length}.\n"
             "# The base's resources and length are kept. Train it:\n"
-            "#   python -m revq_ray.train --config best.yaml\n"
+            f"#   {command} --config best.yaml\n"
         )
         write_text(join_location(sweep_dir, "best.yaml"), header + dump_config(cfg))
     else:

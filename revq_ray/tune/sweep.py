@@ -9,7 +9,16 @@ from typing import Any
 
 from revq_ray.config import SYNTHETIC, ConfigError, RunConfig, apply_overrides, load_yaml, parse_config
 from revq_ray.runtime import absolute, get_logger, init_ray, is_uri, join_location, set_dotted
-from revq_ray.tune.config import TuneConfig, dump_tune_config, latent_numel, validate_space
+from revq_ray.tune.config import (
+    PRIOR,
+    TuneConfig,
+    default_builder,
+    dump_tune_config,
+    latent_numel,
+    root_config,
+    target_of,
+    validate_space,
+)
 from revq_ray.tune.outputs import read_text, write_outputs, write_text
 from revq_ray.tune.trials import TrainerBuilder, make_trainable
 
@@ -58,6 +67,10 @@ def _prepare_base(tcfg: TuneConfig) -> dict[str, Any]:
     from revq_ray.train.plan import ensure_shards, resolve_paths
 
     base_data = apply_overrides(load_yaml(tcfg.base), tcfg.overrides)
+    if target_of(base_data) == PRIOR:  # a prior's sweep: its token dataset is checked by each trial's plan
+        parse_config(base_data, root_config(PRIOR))
+        validate_space(tcfg, base_data, None)
+        return base_data
     base = parse_config(base_data, RunConfig)
     resolved = resolve_paths(base)
     ensure_shards(resolved)
@@ -145,10 +158,10 @@ def run_sweep(
     """
     import ray.tune
 
-    if builder is None:
-        from revq_ray.train.driver import build_trainer as builder
     init_ray()
     base_data = _prepare_base(tcfg)
+    if builder is None:  # the tokenizer's trainer, or the prior's when the base is a prior preset
+        builder = default_builder(target_of(base_data))
 
     sweep_dir = sweep_dir_of(tcfg)
     storage_path = sweep_dir.rsplit("/", 1)[0]

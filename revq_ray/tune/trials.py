@@ -10,7 +10,16 @@ from typing import Any
 
 from revq_ray.config import SYNTHETIC, RunConfig, parse_config
 from revq_ray.runtime import absolute, get_dotted, is_uri, set_dotted
-from revq_ray.tune.config import BITS_METRIC, CODEBOOK_KEY, TOKENS_KEY, TuneConfig, codebook_size_for
+from revq_ray.tune.config import (
+    BITS_METRIC,
+    CODEBOOK_KEY,
+    TOKENIZER,
+    TOKENS_KEY,
+    TuneConfig,
+    codebook_size_for,
+    root_config,
+    target_of,
+)
 
 TrainerBuilder = Callable[..., Any]
 """``build_trainer(cfg, *, storage_path, run_name, callbacks) -> TorchTrainer`` (revq_ray.train's)."""
@@ -19,7 +28,7 @@ TrainerBuilder = Callable[..., Any]
 def absolutize_local(data: dict[str, Any]) -> dict[str, Any]:
     """Trials run in their own directory: make local data paths absolute (URIs stay as they are)."""
     out = copy.deepcopy(data)
-    for key in ("data.shards", "data.val_shards"):
+    for key in ("data.shards", "data.val_shards", "data.tokens"):  # data.tokens: a prior's sweep
         v = get_dotted(out, key)
         if isinstance(v, str) and v and v != SYNTHETIC:
             set_dotted(out, key, absolute(v))
@@ -92,7 +101,8 @@ def make_trainable(
     """The Tune function run once per trial: build the trial's RunConfig and fit it with ``builder``.
 
     ``builder`` is ``build_trainer(cfg, *, storage_path, run_name, callbacks)``, normally
-    :func:`revq_ray.train.driver.build_trainer`. The function closes over plain dicts, not pydantic models:
+    :func:`revq_ray.train.driver.build_trainer` (a prior's sweep: its
+    :func:`revq_ray.prior.driver.build_trainer`). The function closes over plain dicts, not pydantic models:
     Ray pickles it, and the trial process rebuilds the configs from JSON-able data."""
     tcfg_data = tcfg.model_dump(mode="json", by_alias=True)
     base_data = absolutize_local(base_data)
@@ -103,10 +113,11 @@ def make_trainable(
         tc = parse_config(tcfg_data, TuneConfig)
         trial_id = ray.tune.get_context().get_trial_id()
         name = f"trial_{trial_id}"
+        target = target_of(base_data)
         cfg = parse_config(
-            trial_config_data(tc, base_data, params, name=name, output_dir=runs_dir), RunConfig
+            trial_config_data(tc, base_data, params, name=name, output_dir=runs_dir), root_config(target)
         )
-        extra = {BITS_METRIC: cfg.model.quantizer.bits_per_sample}
+        extra = {BITS_METRIC: cfg.model.quantizer.bits_per_sample} if target == TOKENIZER else {}
         callback = _make_report_callback(extra, tc.primary_metric)
         # The same builder as `python -m revq_ray.train`: one place sets up data, model and DeepSpeed. The
         # Train run's name is the trial's, so a resumed sweep continues the trial's own checkpoints.

@@ -230,3 +230,53 @@ def test_static_checker_catches_violations(tmp_path):
         "revq_ray.eval",
         "diffusers",
     ], found
+
+
+_PRIOR_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    BLOCKED = {"ray", "deepspeed", "diffusers", "pydantic"}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked by test_boundary")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    import torch
+    from revq_ray.prior.model import PriorSpec, PriorTransformer
+
+    m = PriorTransformer(PriorSpec(tokens=5, codebook_size=4, num_classes=2, d_model=16, layers=1, heads=2))
+    ids = torch.randint(0, 4, (3, 5))
+    loss, _ = m.loss(ids, m.drop_labels(torch.tensor([0, 1, 1])))
+    loss.backward()
+    assert m.generate(torch.tensor([0, 1]), guidance=2.0).shape == (2, 5)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+    print("PRIOR-OK")
+    """
+)
+
+
+def test_the_prior_model_is_plain_pytorch():
+    """revq_ray.prior.model (the stage-2 transformer) imports, trains a step and samples with Ray, DeepSpeed,
+    diffusers and pydantic unimportable, and imports no revq_ray layer."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _PRIOR_SCRIPT],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PRIOR-OK" in proc.stdout
+    model_py = ROOT / "revq_ray" / "prior" / "model.py"
+    tree = ast.parse(model_py.read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [i for i in imported if i.split(".")[0] in FORBIDDEN_ROOTS | {"revq_ray", "pydantic"}], (
+        imported
+    )
