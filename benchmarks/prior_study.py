@@ -444,6 +444,25 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def prior_val(row: str) -> dict[str, Any] | None:
+    """The prior run's last validation (metrics.csv): nats per token, bits per image (its held-out items)."""
+    import csv
+
+    path = OUT / "priors" / f"prior_{row}" / "metrics.csv"
+    if not path.is_file():
+        return None
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss") not in (None, "")]
+    if not rows:
+        return None
+    last = rows[-1]
+    return {
+        k: float(last[k]) if k != "step" else int(float(last[k]))
+        for k in ("step", "val_loss", "val_bits")
+        if last.get(k) not in (None, "")
+    }
+
+
 def stage_report(args: argparse.Namespace) -> int:
     judge = _read(OUT / "judge" / "judge.json")
     base = _read(OUT / "baselines.json")
@@ -452,6 +471,8 @@ def stage_report(args: argparse.Namespace) -> int:
         tok, score = _read(OUT / row / "tokenizer.json"), _read(OUT / row / "score.json")
         prior = _read(OUT / row / "prior.json")
         sample = _read(OUT / row / "samples" / "sample_done.json")
+        if prior is not None:
+            prior["val"] = prior_val(row)
         rows.append({"row": row, "tokenizer": tok, "prior": prior, "sampling": sample, "score": score})
         if score is not None:
             grid(OUT / row / "samples", RESULTS / f"prior_study_{row}.png")

@@ -47,7 +47,8 @@ def to_judge_input(images: Any, size: int = JUDGE_SIZE) -> torch.Tensor:
     was); other sizes are resized with antialiased bilinear interpolation (downsampling averages, it does
     not alias).
     """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    # np.array copies: a read-only array (np.frombuffer) would otherwise become a read-only tensor
+    x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or x.shape[1] not in (1, 3):
