@@ -66,6 +66,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 OUT = ROOT / "runs" / "prior_study"
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS = ("revq_2048", "vq_2048", "revq_1024")
+PRIOR_STEPS = 600  # the study's fixed prior budget (steps of 32); another --prior-steps is a separate variant
 PRIOR_CONFIG = ROOT / "configs" / "prior_fashion_mnist.yaml"
 JUDGE_TRAIN = (0, 50000)
 REF = (50000, 59500)
@@ -309,10 +310,16 @@ def _tokenize_from_latents(row: str, argv: list[str], args: argparse.Namespace) 
     return check
 
 
+def pkey(row: str, steps: int) -> str:
+    """Where a row's prior, samples and score live: the row at the study's budget, ``<row>_s<steps>`` else."""
+    return row if steps == PRIOR_STEPS else f"{row}_s{steps}"
+
+
 def stage_prior(row: str, tokens: Path, args: argparse.Namespace) -> Path:
     out = OUT / "priors"
-    name = f"prior_{row}"
-    done = OUT / row / "prior.json"
+    key = pkey(row, args.prior_steps)
+    name = f"prior_{key}"
+    done = OUT / key / "prior.json"
     if done.is_file():
         return out / name
     cmd = [
@@ -322,7 +329,7 @@ def stage_prior(row: str, tokens: Path, args: argparse.Namespace) -> Path:
     for o in prior_overrides(args):
         cmd += ["--set", o]
     t0 = time.perf_counter()
-    _run(cmd, OUT / row / "prior.log")
+    _run(cmd, OUT / key / "prior.log")
     done.write_text(
         json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "overrides": prior_overrides(args)})
     )
@@ -330,7 +337,7 @@ def stage_prior(row: str, tokens: Path, args: argparse.Namespace) -> Path:
 
 
 def stage_sample(row: str, prior: Path, args: argparse.Namespace) -> Path:
-    out = OUT / row / "samples"
+    out = OUT / pkey(row, args.prior_steps) / "samples"
     if (out / "sample_done.json").is_file():
         return out
     rec = _tokenizer_rec(row)
@@ -343,7 +350,7 @@ def stage_sample(row: str, prior: Path, args: argparse.Namespace) -> Path:
             "--temperature", str(args.temperature),
             "--seed", "0", "--threads", "1", "--output", str(out),
         ],
-        OUT / row / "sample.log",
+        OUT / pkey(row, args.prior_steps) / "sample.log",
     )  # fmt: skip
     (out / "sample_done.json").write_text(json.dumps({"wall_s": round(time.perf_counter() - t0, 1)}))
     return out
@@ -415,7 +422,7 @@ def stage_priors(args: argparse.Namespace) -> int:
         stage_judge(args)
     scorer = None
     for row in args.rows:
-        score_file = OUT / row / "score.json"
+        score_file = OUT / pkey(row, args.prior_steps) / "score.json"
         if score_file.is_file():
             _log(f"{row}: scored ({score_file})")
             continue
@@ -444,11 +451,11 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def prior_val(row: str) -> dict[str, Any] | None:
+def prior_val(key: str) -> dict[str, Any] | None:
     """The prior run's last validation (metrics.csv): nats per token, bits per image (its held-out items)."""
     import csv
 
-    path = OUT / "priors" / f"prior_{row}" / "metrics.csv"
+    path = OUT / "priors" / f"prior_{key}" / "metrics.csv"
     if not path.is_file():
         return None
     with open(path) as f:
@@ -467,15 +474,23 @@ def stage_report(args: argparse.Namespace) -> int:
     judge = _read(OUT / "judge" / "judge.json")
     base = _read(OUT / "baselines.json")
     rows = []
-    for row in ROWS:
-        tok, score = _read(OUT / row / "tokenizer.json"), _read(OUT / row / "score.json")
-        prior = _read(OUT / row / "prior.json")
-        sample = _read(OUT / row / "samples" / "sample_done.json")
+    keys = [(row, row, PRIOR_STEPS) for row in ROWS]  # the study; then other budgets that were run
+    keys += [(r, p.name, int(p.name.rsplit("_s", 1)[1])) for r in ROWS for p in sorted(OUT.glob(f"{r}_s*"))]
+    for row, key, steps in keys:
+        tok, score = _read(OUT / row / "tokenizer.json"), _read(OUT / key / "score.json")
+        prior = _read(OUT / key / "prior.json")
+        sample = _read(OUT / key / "samples" / "sample_done.json")
+        info = _read(OUT / key / "samples" / "samples.json")
+        if sample is not None and info is not None:
+            sample.update({k: info.get(k) for k in ("samples_per_s", "sampling_seconds", "torch_threads")})
         if prior is not None:
-            prior["val"] = prior_val(row)
-        rows.append({"row": row, "tokenizer": tok, "prior": prior, "sampling": sample, "score": score})
+            prior["val"] = prior_val(key)
+        rows.append(
+            {"row": key, "tokenizer_row": row, "prior_steps": steps, "tokenizer": tok, "prior": prior,
+             "sampling": sample, "score": score}
+        )  # fmt: skip
         if score is not None:
-            grid(OUT / row / "samples", RESULTS / f"prior_study_{row}.png")
+            grid(OUT / key / "samples", RESULTS / f"prior_study_{key}.png")
     out = {
         "what": "Fashion-MNIST tokenizers judged by the class-conditional prior trained on their tokens",
         "commands": [
@@ -501,37 +516,42 @@ def stage_report(args: argparse.Namespace) -> int:
 
 
 def table(res: dict[str, Any]) -> str:
+    """The README's tables: one line per tokenizer, then the distance floor of the held-out set."""
     lines = [
-        "| row | bits / image | T x K | PSNR tokenized (512 held-out) | class accuracy: samples | "
-        "FD: samples | FD: tokenizer recon. | class accuracy: tokenizer recon. |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| row | prior steps | bits / image | T x K | PSNR tokenized (512 held-out) | "
+        "prior held-out bits / image (uniform) | class accuracy: samples | FD: samples | "
+        "FD: tokenizer recon. | class accuracy: tokenizer recon. | samples / s |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["rows"]:
         tok, sc = r["tokenizer"], r["score"]
         if tok is None:
-            lines.append(f"| {r['row']} | (not trained yet) | | | | | | |")
+            lines.append(f"| {r['row']} | | (tokenizer not trained yet) | | | | | | | | |")
             continue
         s = tok["summary"]
-        left = f"| {r['row']} | {tok['bits_per_image']:,.0f} | {tok['tokens']} x {tok['codebook_size']} | "
+        left = f"| {r['row']} | {r['prior_steps']} | {tok['bits_per_image']:,.0f} | "
+        left += f"{tok['tokens']} x {tok['codebook_size']} | "
         left += f"{s['psnr_tokenized']:.2f} dB | "
+        val = (r.get("prior") or {}).get("val")
+        left += f"{val['val_bits']:,.0f} ({tok['bits_per_image']:,.0f}) | " if val else "| "
         if sc is None:
-            lines.append(left + "(prior not run yet) | | | |")
+            lines.append(left + "(prior not sampled yet) | | | | |")
             continue
+        rate = (r.get("sampling") or {}).get("samples_per_s")
         lines.append(
-            left + f"{100 * sc['samples']['class_accuracy']:.1f}% | {sc['samples']['fd']:.2f} | "
-            f"{sc['tokenizer']['fd']:.2f} | {100 * sc['tokenizer']['class_accuracy']:.1f}% |"
+            left + f"{100 * sc['samples']['class_accuracy']:.1f}% | {sc['samples']['fd']:.1f} | "
+            f"{sc['tokenizer']['fd']:.1f} | {100 * sc['tokenizer']['class_accuracy']:.1f}% | "
+            + (f"{rate:.1f} |" if rate is not None else "|")
         )
     base = res.get("baselines")
     if base:
-        lines.append("")
-        lines.append("| held-out set [59500, 60000) as | class accuracy | FD |")
-        lines.append("| --- | ---: | ---: |")
+        lines += ["", "| held-out set [59500, 60000) as | class accuracy | FD |", "| --- | ---: | ---: |"]
         for k, label in (
-            ("real", "real images"),
-            ("resize", "resized to 64 x 64"),
+            ("real", "real images (28 x 28)"),
+            ("resize", "resized to 64 x 64 (the VAE's input)"),
             ("vae", "taef2 encode -> decode"),
         ):
-            lines.append(f"| {label} | {100 * base[k]['class_accuracy']:.1f}% | {base[k]['fd']:.2f} |")
+            lines.append(f"| {label} | {100 * base[k]['class_accuracy']:.1f}% | {base[k]['fd']:.1f} |")
     return "\n".join(lines)
 
 
@@ -561,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the judge")
     p.add_argument("--prior-items", type=int, default=10240, help="training images the prior trains on")
-    p.add_argument("--prior-steps", type=int, default=600, help="every row's prior: steps of 32")
+    p.add_argument(
+        "--prior-steps", type=int, default=PRIOR_STEPS, help="every row's prior: steps of 32 (another value: "
+        "a variant beside the study's rows, runs/prior_study/<row>_s<steps>)",
+    )  # fmt: skip
     p.add_argument("--prior-set", action="append", default=[], help="more prior overrides (a.b=c), every row")
     p.add_argument(
         "--tokenize", choices=("latents", "cli"), default="latents", help="how the prior's tokens are made"
