@@ -452,22 +452,28 @@ def _read(path: Path) -> dict | None:
 
 
 def prior_val(key: str) -> dict[str, Any] | None:
-    """The prior run's last validation (metrics.csv): nats per token, bits per image (its held-out items)."""
+    """The prior run's validations (metrics.csv): the best (lowest val_loss: ``export/best``, the checkpoint
+    ``revq-ray sample`` loads) and the last; nats per token and bits per image on its held-out items."""
     import csv
 
     path = OUT / "priors" / f"prior_{key}" / "metrics.csv"
     if not path.is_file():
         return None
     with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val_loss") not in (None, "")]
-    if not rows:
+        rows = list(csv.DictReader(f))
+    vals = [r for r in rows if r.get("val_loss") not in (None, "")]
+    if not vals:
         return None
-    last = rows[-1]
-    return {
-        k: float(last[k]) if k != "step" else int(float(last[k]))
-        for k in ("step", "val_loss", "val_bits")
-        if last.get(k) not in (None, "")
-    }
+
+    def pick(r: dict[str, str]) -> dict[str, Any]:
+        return {
+            "step": int(float(r["step"])),
+            "val_loss": float(r["val_loss"]),
+            "val_bits": float(r["val_bits"]),
+        }
+
+    best = min(vals, key=lambda r: float(r["val_loss"]))
+    return {**pick(best), "last": pick(vals[-1]), "last_train_loss": float(rows[-1]["loss"])}
 
 
 def stage_report(args: argparse.Namespace) -> int:
@@ -475,7 +481,12 @@ def stage_report(args: argparse.Namespace) -> int:
     base = _read(OUT / "baselines.json")
     rows = []
     keys = [(row, row, PRIOR_STEPS) for row in ROWS]  # the study; then other budgets that were run
-    keys += [(r, p.name, int(p.name.rsplit("_s", 1)[1])) for r in ROWS for p in sorted(OUT.glob(f"{r}_s*"))]
+    keys += [  # a variant is listed once it is scored
+        (r, p.name, int(p.name.rsplit("_s", 1)[1]))
+        for r in ROWS
+        for p in sorted(OUT.glob(f"{r}_s*"))
+        if (p / "score.json").is_file()
+    ]
     for row, key, steps in keys:
         tok, score = _read(OUT / row / "tokenizer.json"), _read(OUT / key / "score.json")
         prior = _read(OUT / key / "prior.json")
@@ -519,7 +530,7 @@ def table(res: dict[str, Any]) -> str:
     """The README's tables: one line per tokenizer, then the distance floor of the held-out set."""
     lines = [
         "| row | prior steps | bits / image | T x K | PSNR tokenized (512 held-out) | "
-        "prior held-out bits / image (uniform) | class accuracy: samples | FD: samples | "
+        "prior held-out bits / image, best (uniform) | class accuracy: samples | FD: samples | "
         "FD: tokenizer recon. | class accuracy: tokenizer recon. | samples / s |",
         "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
