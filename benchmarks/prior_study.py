@@ -19,13 +19,18 @@ latent 32x8x8), trained by ``benchmarks/study_fmnist.py``'s machinery (Ray Train
 - ``vq_2048``: study_fmnist's ``vq_weighted`` row: plain VQ (no reset, no rectifier) at the same T, K, layout,
   weighting, lr and steps. The fair comparison: it differs from ``revq_2048`` only by what ReVQ adds (the
   ``vq`` row also changes the layout and weighting, which the Quality study showed is worth ~5 dB by itself);
-- ``revq_1024``: the tuned recipe at 1,024 bits by halving the tokens: T128 K256 (64 positions x 2 groups of
-  16 channels), everything else as ``revq_2048``. Same vocabulary per position, half the sequence length.
+- ``revq_512``: the tuned recipe at a quarter of the bits by cutting the tokens: T64 K256 (64 positions x 1
+  group of 32 channels), everything else as ``revq_2048``. Same vocabulary per position, a quarter of the
+  sequence. (The first version of this study, at a 600-step prior budget on 10,240 images, had a 1,024-bit
+  row, T128; its priors learned no class at all, see README.)
 
 The prior (``revq_ray.prior``, ``configs/prior_fashion_mnist.yaml`` plus ``prior_overrides``) trains on the
-ids of the first 10,240 training images with their class labels (``revq-ray tokenize --input
-train-images-idx3-ubyte.gz --limit 10240``; labels from the IDX1 file beside it), every row with the same
-recipe and step budget. Samples: ``--per-class`` (50) per class at a fixed guidance scale and temperature.
+ids of the first ``--prior-items`` (50,000) training images with their class labels: the judge's training
+range, so nothing the judge is scored against was seen by a prior. Their latents are encoded once for every
+row (``runs/prior_study/latents``; ``prior_latents``) and turned into ids by ``revq_ray.tokenize.tokenize``
+itself (``stage_tokens``). Every row gets the same recipe and step budget (1,500 steps of 32, one epoch of
+those images: no image is seen twice, so the rows are compared before any prior can overfit). Samples:
+``--per-class`` (50) per class at a fixed guidance scale and temperature.
 
 The judge (``revq_ray.eval.judge``): trained on training images [0, 50000); everything it scores against is
 from [50000, 60000), which no tokenizer, prior or judge trained on: its accuracy on all 10,000; the FD
@@ -65,8 +70,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 OUT = ROOT / "runs" / "prior_study"
 RESULTS = ROOT / "benchmarks" / "results"
-ROWS = ("revq_2048", "vq_2048", "revq_1024")
-PRIOR_STEPS = 600  # the study's fixed prior budget (steps of 32); another --prior-steps is a separate variant
+ROWS = ("revq_2048", "vq_2048", "revq_512")
+PRIOR_STEPS = 1500  # the study's prior budget (steps of 32); another --prior-steps is a separate variant
+PRIOR_ITEMS = 50000  # the prior trains on images [0, 50000): the judge's training range, never its held-out
+STUDY_ITEMS = 10240  # what study_fmnist's prepare encodes (the tokenizers train on these)
 PRIOR_CONFIG = ROOT / "configs" / "prior_fashion_mnist.yaml"
 JUDGE_TRAIN = (0, 50000)
 REF = (50000, 59500)
@@ -108,10 +115,10 @@ def tokenizer_configs(steps: int | None) -> dict[str, dict[str, Any]]:
 
     r2048 = row_configs(2048)
     rows = {"revq_2048": r2048["tuned"], "vq_2048": r2048["vq_weighted"]}
-    half = json.loads(json.dumps(r2048["tuned"]))
-    set_dotted(half, "model.quantizer.tokens", 128)  # 64 positions x 2 groups of 16 channels, K stays 256
-    half["name"] = "fmnist1024_tuned_t128"
-    rows["revq_1024"] = half
+    quarter = json.loads(json.dumps(r2048["tuned"]))
+    set_dotted(quarter, "model.quantizer.tokens", 64)  # 64 positions x 1 group of 32 channels, K stays 256
+    quarter["name"] = "fmnist512_tuned_t64"
+    rows["revq_512"] = quarter
     if steps is not None:
         for cfg in rows.values():
             set_dotted(cfg, "train.max_steps", steps)
@@ -125,7 +132,7 @@ def stage_tokenizers(args: argparse.Namespace) -> int:
     from revq_ray.runtime import init_ray
 
     if not (S.OUT / "latents" / "train" / "manifest.json").is_file() or not (S.OUT / "heldout_png").is_dir():
-        rc = S.prepare(argparse.Namespace(shared=args.shared, train_items=10240, heldout=512))
+        rc = S.prepare(argparse.Namespace(shared=args.shared, train_items=STUDY_ITEMS, heldout=512))
         if rc:
             return rc
     init_ray()
@@ -233,6 +240,29 @@ def read_latents(shards: Path, n: int) -> np.ndarray:
     return np.stack([out[i] for i in range(n)]).astype(np.float32)
 
 
+def prior_latents(args: argparse.Namespace) -> Path:
+    """The taef2 latents of the prior's images: study_fmnist's (the first 10,240) when they suffice, else the
+    first ``--prior-items`` encoded once into ``runs/prior_study/latents`` (same encode, same 64 x 64 front
+    end; resumable), shared by every row."""
+    import study_fmnist as S
+
+    if args.prior_items <= STUDY_ITEMS:
+        return S.OUT / "latents" / "train"
+    from revq_ray.data.encode import encode_to_shards
+    from revq_ray.runtime import init_ray
+
+    out = OUT / "latents"
+    if not (out / "manifest.json").is_file():
+        _log(f"encoding the first {args.prior_items} training images for the priors (once, for every row)")
+        init_ray()
+        res = encode_to_shards(
+            str(_idx(args.shared)[0]), vae_spec(args.shared), str(out), limit=args.prior_items, image_size=64,
+            shard_size=1024, batch_size=128, num_actors=2, device="cpu", progress=True,
+        )  # fmt: skip
+        _log(f"prior latents: {res.summary()}")
+    return out
+
+
 def stage_tokens(row: str, args: argparse.Namespace) -> Path:
     """The prior's token dataset for a row (a `revq-ray tokenize` output directory).
 
@@ -265,7 +295,6 @@ def stage_tokens(row: str, args: argparse.Namespace) -> Path:
 def _tokenize_from_latents(row: str, argv: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import io
 
-    import study_fmnist as S
     import torch
 
     from revq_ray import tokenize as T
@@ -275,7 +304,7 @@ def _tokenize_from_latents(row: str, argv: list[str], args: argparse.Namespace) 
     t0 = time.perf_counter()
     targs = T.build_parser().parse_args(argv)
     tok = Tokenizer.from_pretrained(targs.model, vae=targs.vae)
-    latents = torch.from_numpy(read_latents(S.OUT / "latents" / "train", args.prior_items))
+    latents = torch.from_numpy(read_latents(prior_latents(args), args.prior_items))
     ids = torch.cat([tok.encode_latents(latents[i : i + 512]).cpu() for i in range(0, len(latents), 512)])
     ids = ids.numpy()
     dtype = T._id_dtype(T.vocab_size(tok.tokens, tok.codebook_size, "per_position"))
@@ -591,7 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--judge-epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the judge")
-    p.add_argument("--prior-items", type=int, default=10240, help="training images the prior trains on")
+    p.add_argument(
+        "--prior-items", type=int, default=PRIOR_ITEMS, help="the prior trains on training images [0, N)"
+    )
     p.add_argument(
         "--prior-steps", type=int, default=PRIOR_STEPS, help="every row's prior: steps of 32 (another value: "
         "a variant beside the study's rows, runs/prior_study/<row>_s<steps>)",
@@ -605,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     args = p.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
+    if not 0 < args.prior_items <= JUDGE_TRAIN[1]:
+        p.error(f"--prior-items: 1 to {JUDGE_TRAIN[1]} (images from {JUDGE_TRAIN[1]} on are held out)")
     if bad := sorted(set(args.rows) - set(ROWS)):
         p.error(f"--rows: unknown {bad} (rows: {', '.join(ROWS)})")
     if not _idx(args.shared)[0].is_file():
