@@ -505,6 +505,42 @@ def prior_val(key: str) -> dict[str, Any] | None:
     return {**pick(best), "last": pick(vals[-1]), "last_train_loss": float(rows[-1]["loss"])}
 
 
+def label_information(row: str, key: str, items: int = 500) -> dict[str, Any] | None:
+    """How much the prior's predictions use the class: its mean cross-entropy per image (nats, summed over
+    the T ids) on up to ``items`` of its held-out items given their true label, the null class (no label) and
+    a shuffled label. true < null by about ln(10) = 2.3 nats would mean the label is fully used; ~0 means
+    ignored. Kept in ``runs/prior_study/<key>/label_information.json``."""
+    import torch
+
+    from revq_ray.prior import load_prior
+    from revq_ray.prior.data import load_token_dataset
+
+    path = OUT / key / "label_information.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    run, tokens = OUT / "priors" / f"prior_{key}", OUT / row / "tokens"
+    if not (run / "metrics.csv").is_file() or not (tokens / "manifest.json").is_file():
+        return None
+    prior = load_prior(run).eval()
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    data = load_token_dataset(str(tokens), val_items=int(cfg.get("data", {}).get("val_items", 1000)))
+    ids = torch.from_numpy(data.ids[data.val][:items])
+    labels = torch.from_numpy(data.labels[data.val][:items])
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"items": int(len(ids))}
+    with torch.no_grad():
+        for name, lab in (
+            ("true", labels),
+            ("null", torch.full_like(labels, prior.spec.null_class)),
+            ("shuffled", labels[torch.randperm(len(labels), generator=gen)]),
+        ):
+            logits = prior(ids, lab)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+            out[f"nats_per_image_{name}"] = round(float(nll.sum(1).mean()), 2)
+    path.write_text(json.dumps(out, indent=2))
+    return out
+
+
 def stage_report(args: argparse.Namespace) -> int:
     judge = _read(OUT / "judge" / "judge.json")
     base = _read(OUT / "baselines.json")
@@ -525,6 +561,7 @@ def stage_report(args: argparse.Namespace) -> int:
             sample.update({k: info.get(k) for k in ("samples_per_s", "sampling_seconds", "torch_threads")})
         if prior is not None:
             prior["val"] = prior_val(key)
+            prior["label_information"] = label_information(row, key)
         rows.append(
             {"row": key, "tokenizer_row": row, "prior_steps": steps, "tokenizer": tok, "prior": prior,
              "sampling": sample, "score": score}
@@ -559,14 +596,15 @@ def table(res: dict[str, Any]) -> str:
     """The README's tables: one line per tokenizer, then the distance floor of the held-out set."""
     lines = [
         "| row | prior steps | bits / image | T x K | PSNR tokenized (512 held-out) | "
-        "prior held-out bits / image, best (uniform) | class accuracy: samples | FD: samples | "
-        "FD: tokenizer recon. | class accuracy: tokenizer recon. | samples / s |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "prior held-out bits / image, best (uniform) | label use, nats / image (of ln 10 = 2.3) | "
+        "class accuracy: samples | FD: samples | FD: tokenizer recon. | class accuracy: tokenizer recon. | "
+        "samples / s |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in res["rows"]:
         tok, sc = r["tokenizer"], r["score"]
         if tok is None:
-            lines.append(f"| {r['row']} | | (tokenizer not trained yet) | | | | | | | | |")
+            lines.append(f"| {r['row']} | | (tokenizer not trained yet) | | | | | | | | | |")
             continue
         s = tok["summary"]
         left = f"| {r['row']} | {r['prior_steps']} | {tok['bits_per_image']:,.0f} | "
@@ -574,6 +612,8 @@ def table(res: dict[str, Any]) -> str:
         left += f"{s['psnr_tokenized']:.2f} dB | "
         val = (r.get("prior") or {}).get("val")
         left += f"{val['val_bits']:,.0f} ({tok['bits_per_image']:,.0f}) | " if val else "| "
+        li = (r.get("prior") or {}).get("label_information")
+        left += f"{li['nats_per_image_null'] - li['nats_per_image_true']:.2f} | " if li else "| "
         if sc is None:
             lines.append(left + "(prior not sampled yet) | | | | |")
             continue
